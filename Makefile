@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both build .venv from scratch when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Offline by default: nothing in the demo or the tests may reach a model hub.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install install-dev demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, alone, so pip takes the torchvision built for that very torch
+	$(PIP) install -q torch torchvision
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) run.py experiment=demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m promptbench.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,260 @@
+"""One `Backbone` object around an open_clip CLIP: what every method needs, and nothing it must not touch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import open_clip
+import torch
+from torch import nn
+
+from promptbench.backbones import weights
+from promptbench.errors import PromptbenchError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RANDOM_INIT = ("", "none", "random")
+# Random-init backbones are seeded independently of the run seed, so `tiny` is one fixed model everywhere.
+RANDOM_INIT_SEED = 0
+MEANINGLESS_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! backbone '{name}' has RANDOM weights: accuracy numbers from it are meaningless.\n"
+    "!! Use it for tests and smoke runs only.\n" + "!" * 78
+)
+
+
+def register_model_configs() -> None:
+    """Make promptbench's own model configs (tiny, mini) known to open_clip like its built-ins."""
+    if "promptbench-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP: image encoder, text-encoder parts, tokenizer, normalisation and identity."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        model_name: str,
+        pretrained: str,
+        tokenizer: Any,
+        mean: Sequence[float],
+        std: Sequence[float],
+        fingerprint: str,
+    ):
+        super().__init__()
+        if not isinstance(model, open_clip.CLIP):
+            raise PromptbenchError(
+                f"backbone '{name}' ({model_name}) is a {type(model).__name__}; promptbench needs an open_clip "
+                f"CLIP with the standard text transformer (token embedding, causal transformer, ln_final)."
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.tokenizer = tokenizer
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.fingerprint = fingerprint
+        self.text_pool_type = getattr(model, "text_pool_type", "argmax")
+        if self.text_pool_type not in ("argmax", "eos"):
+            raise PromptbenchError(
+                f"backbone '{name}' pools its text features with '{self.text_pool_type}'; promptbench's prompt "
+                f"encoder reads the EOS token ('argmax' or 'eos' pooling)."
+            )
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # The towers are frozen: BatchNorm statistics and dropout must never switch to training behaviour.
+        return super().train(False)
+
+    @cached_property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1]) if not isinstance(
+            self.model.text_projection, nn.Linear
+        ) else int(self.model.text_projection.out_features)
+
+    @property
+    def ctx_dim(self) -> int:
+        return int(self.model.token_embedding.embedding_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.token_embedding.weight.dtype
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images.to(self.dtype))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def eos_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text_pool_type == "eos":
+            return (tokens == self.model.text_eos_id).int().argmax(dim=-1)
+        # The standard CLIP vocabulary gives EOS the highest id of any token.
+        return tokens.argmax(dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens.to(self.model.token_embedding.weight.device))
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """Text features of prompt embeddings [B, L, ctx_dim] whose EOS tokens sit at positions `eos`.
+
+        Attention is causal, so the EOS output depends only on tokens up to EOS: everything after the
+        longest prompt's EOS is dropped before the transformer. The result equals the full 77-token pass.
+        """
+        length = int(eos.max()) + 1
+        model = self.model
+        x = embeddings[:, :length].to(self.dtype) + model.positional_embedding[:length].to(self.dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eos.to(x.device)]
+        if isinstance(model.text_projection, nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_text_embeddings(self.embed_tokens(tokens), self.eos_positions(tokens))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "fingerprint": self.fingerprint,
+            "image_size": self.image_size,
+            "embed_dim": self.embed_dim,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """open_clip logs every construction step at INFO on the root logger; keep only its warnings."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
+def _create(model_name: str, **kwargs: Any) -> nn.Module:
+    with quiet_open_clip():
+        return open_clip.create_model(model_name, device="cpu", precision="fp32", **kwargs)
+
+
+def _random_init(model_name: str) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return _create(model_name)
+
+
+def _from_tag(name: str, model_name: str, tag: str, cache_dir: str | None) -> nn.Module:
+    if weights.hub_available():
+        return _create(model_name, pretrained=tag, cache_dir=cache_dir)
+    try:
+        with weights.hub_offline():
+            return _create(model_name, pretrained=tag, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - every failure here means "not cached and no network"
+        raise weights.offline_error(name, tag, error) from error
+
+
+def _from_hub_id(name: str, hub_id: str, cache_dir: str | None) -> nn.Module:
+    if weights.hub_available():
+        return _create(hub_id, cache_dir=cache_dir)
+    try:
+        with weights.hub_offline():
+            return _create(hub_id, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001
+        raise weights.offline_error(name, hub_id, error) from error
+
+
+def load_backbone(
+    name: str,
+    model_name: str,
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Backbone:
+    """Build any open_clip CLIP.
+
+    `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...), an "hf-hub:org/repo" id, a local
+    checkpoint path (OpenAI TorchScript archive, OpenAI-format state dict, open_clip checkpoint, safetensors),
+    or empty / "random" for random weights.
+    """
+    register_model_configs()
+    pretrained = "" if pretrained is None else str(pretrained)
+    tokenizer_name = model_name
+    if pretrained.startswith("hf-hub:"):
+        model = _from_hub_id(name, pretrained, cache_dir)
+        tokenizer_name, fingerprint = pretrained, pretrained
+    else:
+        if model_name not in open_clip.list_models():
+            raise PromptbenchError(
+                f"backbone '{name}': open_clip has no model config '{model_name}'. Known configs include "
+                f"RN50-quickgelu, RN101-quickgelu, ViT-B-32-quickgelu, ViT-B-16-quickgelu, promptbench-tiny "
+                f"(full list: python -c 'import open_clip; print(open_clip.list_models())')."
+            )
+        if pretrained.lower() in RANDOM_INIT:
+            model = _random_init(model_name)
+            fingerprint = f"{model_name}|random-seed{RANDOM_INIT_SEED}"
+            log.warning(MEANINGLESS_WARNING.format(name=name))
+        elif Path(pretrained).expanduser().is_file():
+            path = Path(pretrained).expanduser().resolve()
+            model = _random_init(model_name)
+            weights.load_into(model, weights.read_state_dict(path), str(path))
+            fingerprint = f"{model_name}|sha256:{_file_sha256(path)}"
+        elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+            model = _from_tag(name, model_name, pretrained, cache_dir)
+            fingerprint = f"{model_name}|{pretrained}"
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise PromptbenchError(
+                f"backbone '{name}': pretrained='{pretrained}' is neither an existing file nor a known tag for "
+                f"{model_name} (tags: {tags or 'none'}). Pass a checkpoint path, a tag, or an hf-hub: id."
+            )
+    preprocess = getattr(model.visual, "preprocess_cfg", None) or {}
+    with weights.hub_offline(), quiet_open_clip():
+        tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    return Backbone(
+        model=model,
+        name=name,
+        model_name=model_name,
+        pretrained=pretrained or "random",
+        tokenizer=tokenizer,
+        mean=mean or preprocess.get("mean", OPENAI_MEAN),
+        std=std or preprocess.get("std", OPENAI_STD),
+        fingerprint=fingerprint,
+    )

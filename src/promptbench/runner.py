@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,10 +31,20 @@ LEARNED_FILE = "learned.safetensors"
 PREDICTIONS_FILE = "predictions.pt"
 
 
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate`, letting our own user-facing errors through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, PromptbenchError):
+            raise error.__cause__ from None
+        raise
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return []
-    return [instantiate(cfg.logger)]
+    return [build(cfg.logger)]
 
 
 def close_loggers(loggers: list[Any], status: str) -> None:
@@ -89,18 +100,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     with timer("build/backbone"):
-        backbone = instantiate(cfg.backbone)
+        backbone = build(cfg.backbone)
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        dataset = instantiate(cfg.dataset)
-        task: Task = instantiate(cfg.protocol).build(dataset, cfg.shots)
+        dataset = build(cfg.dataset)
+        task: Task = build(cfg.protocol).build(dataset, cfg.shots)
     with timer("build/method"):
-        method: Method = instantiate(
+        method: Method = build(
             cfg.method, backbone=backbone, classnames=task.train.classnames, templates=task.train.templates
         )
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = build(
         cfg.trainer,
         default_root_dir=str(run_dir),
         precision=cfg.precision,

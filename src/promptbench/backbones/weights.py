@@ -103,6 +103,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load `state`, adapting the scalar-vs-1d logit_scale difference between formats."""
     own = model.state_dict()
+    # Traced archives also save non-persistent buffers (e.g. the causal mask), which the model rebuilds itself.
+    transient = {name for name, _ in model.named_buffers()} - set(own)
+    state = {key: value for key, value in state.items() if key not in transient}
     if "logit_scale" in state and "logit_scale" in own:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
     missing, unexpected = set(own) - set(state), set(state) - set(own)

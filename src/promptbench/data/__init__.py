@@ -1,0 +1,1 @@
+"""Data: datasets, few-shot splits, transforms, the feature cache, the data module."""

@@ -1,0 +1,61 @@
+"""Image datasets for DataLoaders, with opt-in skipping of unreadable files."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from promptbench.data.images import BadImageError, load_rgb
+from promptbench.data.items import Item
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (image tensor, label, index); an unreadable image raises, or yields None when skipping."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable, skip_bad_images: bool = False):
+        self.items = list(items)
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            image = load_rgb(item.path)
+        except BadImageError:
+            if self.skip_bad_images:
+                return None
+            raise
+        return self.transform(image), item.label, index
+
+
+def collate_skipping_bad(batch: list[Any]):
+    """Drop skipped (None) samples; a batch with none left becomes None, which every loop skips."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
+
+
+def image_loader(
+    items: Sequence[Item],
+    transform: Callable,
+    *,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    skip_bad_images: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    return DataLoader(
+        ImageDataset(items, transform, skip_bad_images),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        generator=generator,
+    )

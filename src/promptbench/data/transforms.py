@@ -1,0 +1,31 @@
+"""Input pipelines of the protocol (protocol.md section 3), sized to the backbone's input resolution."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torchvision import transforms as T
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def _to_tensor_normalized(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [T.ToTensor(), T.Normalize(mean, std)]
+
+
+def test_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Resize the shorter side then centre-crop: a square squash would change zero-shot numbers by points."""
+    return T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size), *_to_tensor_normalized(mean, std)])
+
+
+def train_transform(
+    size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.08, 1.0)
+) -> T.Compose:
+    """CoOp's augmentation; Tip-Adapter's cache uses scale=(0.5, 1.0)."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=BICUBIC),
+            T.RandomHorizontalFlip(),
+            *_to_tensor_normalized(mean, std),
+        ]
+    )

@@ -1,0 +1,72 @@
+"""Shared fixtures: real PNG datasets written to disk, the tiny backbone, and a `run.py` runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"blue": (30, 60, 220), "green": (30, 190, 40), "red": (220, 30, 30)}
+
+
+def draw_disc(rgb: tuple[int, int, int], rng: random.Random, size=(48, 40)) -> Image.Image:
+    image = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+    x = rng.randint(0, 18)
+    ImageDraw.Draw(image).ellipse([x, 4, x + 26, 30], fill=rgb)
+    return image
+
+
+def write_split_dataset(root: Path, counts=(("train", 8), ("val", 3), ("test", 6))) -> Path:
+    """root/{train,val,test}/<colour>/<i>.png: a disc of that colour on a random background."""
+    rng = random.Random(0)
+    for split, count in counts:
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                draw_disc(rgb, rng).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    return write_split_dataset(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from promptbench.backbones import load_backbone
+
+    return load_backbone("tiny", "promptbench-tiny", "random")
+
+
+@pytest.fixture()
+def run_env(tmp_path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PROMPTBENCH_OUTPUT=str(tmp_path / "outputs"),
+        PROMPTBENCH_CACHE=str(tmp_path / "cache"),
+        PROMPTBENCH_DATA=str(tmp_path / "data"),
+    )
+    return env
+
+
+def run_py(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def find_results(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) | {"_dir": str(p.parent)} for p in sorted(root.rglob("results.json"))]

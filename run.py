@@ -6,8 +6,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from promptbench.config import register_resolvers
 from promptbench.errors import PromptbenchError
 from promptbench.runner import run
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

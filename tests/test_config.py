@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_py
+from promptbench.config import register_resolvers
 
 CONF = REPO / "conf"
 GROUPS = ["method", "dataset", "backbone", "trainer", "logger", "protocol", "experiment", "debug", "paths"]
@@ -17,6 +18,9 @@ GROUPS = ["method", "dataset", "backbone", "trainer", "logger", "protocol", "exp
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+register_resolvers()
 
 
 def compose_with(overrides: list[str]):

@@ -19,6 +19,9 @@ from promptbench.errors import PromptbenchError
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+# `pretrained: bundled` means the weights shipped inside the package for that model config.
+BUNDLED = "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT = ("", "none", "random")
@@ -200,6 +203,16 @@ def _from_hub_id(name: str, hub_id: str, cache_dir: str | None) -> nn.Module:
         raise weights.offline_error(name, hub_id, error) from error
 
 
+def bundled_weights(name: str, model_name: str) -> Path:
+    path = BUNDLED_DIR / f"{model_name}.safetensors"
+    if not path.is_file():
+        raise PromptbenchError(
+            f"backbone '{name}': no bundled weights for {model_name} at {path}. Reinstall promptbench, or "
+            f"recreate them with `promptbench pretrain-mini --install`."
+        )
+    return path
+
+
 def load_backbone(
     name: str,
     model_name: str,
@@ -227,6 +240,8 @@ def load_backbone(
                 f"RN50-quickgelu, RN101-quickgelu, ViT-B-32-quickgelu, ViT-B-16-quickgelu, promptbench-tiny "
                 f"(full list: python -c 'import open_clip; print(open_clip.list_models())')."
             )
+        if pretrained == BUNDLED:
+            pretrained = str(bundled_weights(name, model_name))
         if pretrained.lower() in RANDOM_INIT:
             model = _random_init(model_name)
             fingerprint = f"{model_name}|random-seed{RANDOM_INIT_SEED}"

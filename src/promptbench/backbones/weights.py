@@ -19,6 +19,9 @@ import torch
 from promptbench.errors import PromptbenchError
 
 HUB_PROBE_TIMEOUT_S = 3.0
+# A compact export (promptbench pretrain-mini) stores only the token-embedding rows its captions used.
+EMBEDDING_ROWS_KEY = "token_embedding.rows"
+EMBEDDING_IDS_KEY = "token_embedding.ids"
 # Keys that OpenAI's TorchScript archives carry in their state dict besides the weights.
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -100,9 +103,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def expand_compact_embedding(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Rebuild the full token-embedding table of a compact export; tokens never trained get zero vectors."""
+    ids, rows = state.pop(EMBEDDING_IDS_KEY), state.pop(EMBEDDING_ROWS_KEY)
+    table = torch.zeros(vocab_size, rows.shape[1], dtype=rows.dtype)
+    table[ids.long()] = rows
+    state["token_embedding.weight"] = table
+    return state
+
+
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load `state`, adapting the scalar-vs-1d logit_scale difference between formats."""
     own = model.state_dict()
+    if EMBEDDING_IDS_KEY in state:
+        state = expand_compact_embedding(dict(state), own["token_embedding.weight"].shape[0])
+    state = {key: value.to(own[key].dtype) if key in own and value.is_floating_point() else value
+             for key, value in state.items()}
     # Traced archives also save non-persistent buffers (e.g. the causal mask), which the model rebuilds itself.
     transient = {name for name, _ in model.named_buffers()} - set(own)
     state = {key: value for key, value in state.items() if key not in transient}

@@ -1,15 +1,24 @@
-"""Aggregate many results.json into one table: mean +- std over seeds per (method, dataset, backbone, protocol, shots)."""
+"""Aggregate many results.json into tables and plots.
+
+Rows are grouped by (method, dataset, backbone, protocol, shots, eval set) and report the mean and the
+standard deviation over seeds (population std, as the CoOp-family tables do), optionally a 95%
+confidence interval (Student t over seeds), the seed count and the seeds missing from a row compared
+with the seeds present anywhere in the report.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from promptbench.errors import PromptbenchError
+from promptbench.io import atomic_path
 from promptbench.results import RESULTS_FILE
 
 GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "shots", "eval_set")
@@ -18,7 +27,13 @@ GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "shots", "eval_set")
 @dataclass
 class Row:
     key: tuple
-    values: dict[int, float] = field(default_factory=dict)  # seed -> top1
+    values: dict[int, float] = field(default_factory=dict)  # seed -> metric
+    published: float | None = None
+
+    def __getattr__(self, name: str):
+        if name in GROUP_KEYS:
+            return self.key[GROUP_KEYS.index(name)]
+        raise AttributeError(name)
 
     @property
     def mean(self) -> float:
@@ -26,8 +41,17 @@ class Row:
 
     @property
     def std(self) -> float:
-        # Population std over seeds, as CoOp-family tables report it.
         return statistics.pstdev(self.values.values()) if len(self.values) > 1 else 0.0
+
+    @property
+    def ci95(self) -> float | None:
+        """Half-width of the 95% confidence interval of the mean over seeds (None for one seed)."""
+        n = len(self.values)
+        if n < 2:
+            return None
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, n - 1) * statistics.stdev(self.values.values()) / math.sqrt(n))
 
 
 def load_results(dirs: Sequence[str | Path]) -> list[dict]:
@@ -36,33 +60,175 @@ def load_results(dirs: Sequence[str | Path]) -> list[dict]:
         directory = Path(directory)
         if not directory.exists():
             raise PromptbenchError(f"report: no such directory {directory}")
-        found.extend(json.loads(p.read_text()) for p in sorted(directory.rglob(RESULTS_FILE)))
+        for path in sorted(directory.rglob(RESULTS_FILE)):
+            try:
+                result = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise PromptbenchError(f"report: {path} is not valid JSON ({error})") from error
+            if result.get("status") == "completed":
+                found.append(result)
     if not found:
-        raise PromptbenchError(f"report: no {RESULTS_FILE} under {', '.join(map(str, dirs))}")
+        raise PromptbenchError(f"report: no completed {RESULTS_FILE} under {', '.join(map(str, dirs))}")
     return found
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple(str(part) for part in key[:4]) + (int(key[4]), str(key[5]))
 
 
 def aggregate(results: Iterable[dict], metric: str = "top1") -> list[Row]:
     rows: dict[tuple, Row] = {}
     for result in results:
         for eval_set, metrics in result["metrics"].items():
+            if metric not in metrics:
+                continue
             key = (result["method"], result["dataset"], result["backbone"]["name"], result["protocol"],
-                   result["shots"], eval_set)
-            rows.setdefault(key, Row(key)).values[result["seed"]] = metrics[metric]
-    return [rows[key] for key in sorted(rows, key=lambda k: tuple(str(part) for part in k[:4]) + (k[4], k[5]))]
+                   int(result["shots"]), eval_set)
+            rows.setdefault(key, Row(key)).values[int(result["seed"])] = float(metrics[metric])
+    return [rows[key] for key in sorted(rows, key=_sort_key)]
 
 
-def expected_seeds(rows: list[Row]) -> set[int]:
+def attach_published(rows: list[Row], published_csv: str | Path) -> None:
+    """Fill `Row.published` from a CSV with the GROUP_KEYS columns and a `top1` column."""
+    path = Path(published_csv)
+    if not path.is_file():
+        raise PromptbenchError(f"report --compare: no such file {path}")
+    with path.open(newline="") as handle:
+        table = {
+            tuple(line[k] for k in GROUP_KEYS): float(line["top1"])
+            for line in csv.DictReader(handle)
+        }
+    for row in rows:
+        row.published = table.get(tuple(str(part) for part in row.key))
+
+
+def all_seeds(rows: list[Row]) -> set[int]:
     return set().union(*(row.values for row in rows)) if rows else set()
 
 
-def markdown_table(rows: list[Row], metric: str = "top1") -> str:
-    seeds = expected_seeds(rows)
-    header = [*GROUP_KEYS, f"{metric} mean", "std", "seeds", "missing seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table_records(rows: list[Row], metric: str = "top1", with_ci: bool = False) -> list[dict[str, str]]:
+    seeds = all_seeds(rows)
+    compare = any(row.published is not None for row in rows)
+    records = []
     for row in rows:
-        missing = sorted(seeds - set(row.values))
-        cells = [*map(str, row.key), f"{row.mean:.2f}", f"{row.std:.2f}", str(len(row.values)),
-                 ",".join(map(str, missing)) or "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        record = {key: str(value) for key, value in zip(GROUP_KEYS, row.key)}
+        record[f"{metric}_mean"] = f"{row.mean:.2f}"
+        record["std"] = f"{row.std:.2f}"
+        if with_ci:
+            record["ci95"] = "-" if row.ci95 is None else f"{row.ci95:.2f}"
+        record["seeds"] = str(len(row.values))
+        record["missing_seeds"] = ",".join(map(str, sorted(seeds - set(row.values)))) or "-"
+        if compare:
+            record["published"] = "-" if row.published is None else f"{row.published:.2f}"
+            record["diff"] = "-" if row.published is None else f"{row.mean - row.published:+.2f}"
+        records.append(record)
+    return records
+
+
+def markdown(records: list[dict[str, str]]) -> str:
+    header = list(records[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(record[column] for column in header) + " |" for record in records]
     return "\n".join(lines)
+
+
+def csv_text(records: list[dict[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
+    """Accuracy vs shots per (dataset, backbone) and averaged over datasets; base/new/HM bars for base2new."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+
+    def save(figure, stem: str) -> None:
+        for suffix in ("png", "svg"):
+            path = out_dir / f"{stem}.{suffix}"
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format=suffix, bbox_inches="tight", dpi=120)
+            written.append(path)
+        plt.close(figure)
+
+    curves = [r for r in rows if r.protocol != "base2new"]
+    panels = sorted({(r.dataset, r.backbone, r.protocol, r.eval_set) for r in curves})
+    for dataset, backbone, protocol, eval_set in panels:
+        figure, axis = plt.subplots(figsize=(5, 3.6))
+        selected = [r for r in curves if (r.dataset, r.backbone, r.protocol, r.eval_set) == (dataset, backbone, protocol, eval_set)]
+        for method in sorted({r.method for r in selected}):
+            line = sorted((r for r in selected if r.method == method), key=lambda r: r.shots)
+            shots = [r.shots for r in line]
+            means = [r.mean for r in line]
+            stds = [r.std for r in line]
+            axis.plot(shots, means, marker="o", label=method)
+            axis.fill_between(shots, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        axis.set(xlabel="shots per class", ylabel=f"{metric} (%)", title=f"{dataset} / {eval_set} ({backbone})")
+        if len({r.shots for r in selected}) > 1 and min(r.shots for r in selected) > 0:
+            axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        save(figure, f"{metric}_vs_shots_{dataset}_{eval_set}_{backbone}".replace("/", "-"))
+
+    datasets = {r.dataset for r in curves}
+    if len(datasets) > 1:
+        for backbone in sorted({r.backbone for r in curves}):
+            figure, axis = plt.subplots(figsize=(5, 3.6))
+            for method in sorted({r.method for r in curves if r.backbone == backbone}):
+                by_shots: dict[int, list[float]] = {}
+                for r in curves:
+                    if r.method == method and r.backbone == backbone and r.eval_set == "test":
+                        by_shots.setdefault(r.shots, []).append(r.mean)
+                complete = sorted(s for s, values in by_shots.items() if len(values) == len(datasets))
+                if complete:
+                    axis.plot(complete, [statistics.fmean(by_shots[s]) for s in complete], marker="o", label=method)
+            axis.set(xlabel="shots per class", ylabel=f"mean {metric} over {len(datasets)} datasets (%)",
+                     title=f"average ({backbone})")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+            save(figure, f"{metric}_vs_shots_average_{backbone}")
+
+    bars = [r for r in rows if r.protocol == "base2new"]
+    if bars:
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        groups = sorted({(r.method, r.dataset, r.backbone, r.shots) for r in bars})
+        sets = [s for s in ("base", "new", "hm") if any(r.eval_set == s for r in bars)]
+        width = 0.8 / max(1, len(sets))
+        for offset, eval_set in enumerate(sets):
+            heights = [next((r.mean for r in bars if (r.method, r.dataset, r.backbone, r.shots) == g and r.eval_set == eval_set), 0.0)
+                       for g in groups]
+            axis.bar([i + offset * width for i in range(len(groups))], heights, width, label=eval_set)
+        axis.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(groups))])
+        axis.set_xticklabels([f"{m}\n{d}" for m, d, _, _ in groups], fontsize=7)
+        axis.set(ylabel=f"{metric} (%)", title="base-to-new")
+        axis.legend(fontsize=7)
+        save(figure, f"{metric}_base2new")
+    return written
+
+
+def report(dirs: Sequence[str | Path], out_dir: str | Path | None = None, metric: str = "top1",
+           with_ci: bool = False, compare: str | Path | None = None, plots: bool = True) -> str:
+    rows = aggregate(load_results(dirs), metric)
+    if not rows:
+        raise PromptbenchError(f"report: no results carry the metric '{metric}'")
+    if compare:
+        attach_published(rows, compare)
+    records = table_records(rows, metric, with_ci)
+    text = markdown(records)
+    out = Path(out_dir or dirs[0])
+    write_text(out / "report.md", text + "\n")
+    write_text(out / "report.csv", csv_text(records))
+    if plots:
+        plot(rows, out, metric)
+    return text

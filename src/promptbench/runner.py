@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         task, backbone, method.input_kind,
         device=trainer.strategy.root_device, feature_store=feature_store, precision=str(cfg.precision),
         batch_size=method.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed,
+        skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed, train_views=method.train_views,
     )
 
     status = "failed"
@@ -155,10 +155,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "dataset": task.source,
         "backbone": backbone.describe(),
         "protocol": cfg.protocol.name,
-        "shots": cfg.shots,
+        "shots": cfg.shots if method.uses_train_data else 0,
         "seed": cfg.seed,
         "eval_only": bool(cfg.eval_only),
         "metrics": metrics,
+        "method_notes": method.run_notes(),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
         "feature_cache": {"extractions": feature_store.extractions, "hits": feature_store.hits},
         "timings_s": timer.seconds,

@@ -16,6 +16,7 @@ class ZeroShotCLIP(Method):
     name = "zeroshot"
     input_kind = "features"
     trains = False
+    uses_train_data = False
 
     def __init__(
         self,

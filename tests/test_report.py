@@ -1,0 +1,75 @@
+"""`promptbench report` on hand-made results.json files: statistics, missing seeds, comparison, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from promptbench.cli import main
+from promptbench.report import aggregate, load_results
+
+
+def write_result(root: Path, method: str, shots: int, seed: int, top1: float, dataset="dtd", protocol="fewshot",
+                 evals: dict | None = None) -> None:
+    run_dir = root / protocol / dataset / method / f"shots{shots}_seed{seed}"
+    run_dir.mkdir(parents=True)
+    metrics = evals or {"test": {"top1": top1, "mean_per_class": top1 - 1, "n": 100}}
+    payload = {"status": "completed", "method": method, "dataset": dataset, "backbone": {"name": "rn50"},
+               "protocol": protocol, "shots": shots, "seed": seed, "metrics": metrics}
+    (run_dir / "results.json").write_text(json.dumps(payload))
+
+
+@pytest.fixture()
+def results_dir(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for seed, value in ((1, 60.0), (2, 62.0), (3, 67.0)):
+        write_result(root, "coop", 16, seed, value)
+    for seed, value in ((1, 50.0), (3, 54.0)):  # seed 2 missing
+        write_result(root, "coop", 1, seed, value)
+    write_result(root, "zeroshot", 0, 1, 42.0)
+    for seed in (1, 2):
+        write_result(root, "coop", 16, seed, 0, dataset="dtd", protocol="base2new",
+                     evals={"base": {"top1": 80.0 + seed}, "new": {"top1": 60.0 + seed}, "hm": {"top1": 70.0}})
+    (root / "broken").mkdir()
+    (root / "broken" / "results.json").write_text(json.dumps({"status": "failed"}))
+    return root
+
+
+def test_mean_std_ci_and_missing_seeds(results_dir):
+    rows = {(r.method, r.protocol, r.shots, r.eval_set): r for r in aggregate(load_results([results_dir]))}
+    full = rows[("coop", "fewshot", 16, "test")]
+    assert full.mean == pytest.approx(63.0)
+    assert full.std == pytest.approx(statistics.pstdev([60, 62, 67]))
+    assert full.ci95 == pytest.approx(4.303 * statistics.stdev([60, 62, 67]) / math.sqrt(3), rel=1e-3)
+    partial = rows[("coop", "fewshot", 1, "test")]
+    assert sorted(partial.values) == [1, 3] and partial.ci95 is not None
+    assert rows[("zeroshot", "fewshot", 0, "test")].ci95 is None
+    assert rows[("coop", "base2new", 16, "base")].mean == pytest.approx(81.5)
+
+
+def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
+    published = tmp_path / "published.csv"
+    published.write_text("method,dataset,backbone,protocol,shots,eval_set,top1\ncoop,dtd,rn50,fewshot,16,test,63.58\n")
+    out = tmp_path / "report"
+    assert main(["report", str(results_dir), "--ci95", "--compare", str(published), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| coop | dtd | rn50 | fewshot | 16 | test | 63.00 |" in printed
+    records = list(csv.DictReader((out / "report.csv").open()))
+    one_shot = next(r for r in records if r["shots"] == "1")
+    assert one_shot["missing_seeds"] == "2" and one_shot["seeds"] == "2"
+    sixteen = next(r for r in records if r["shots"] == "16" and r["protocol"] == "fewshot")
+    assert sixteen["published"] == "63.58" and sixteen["diff"] == "-0.58"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "top1_vs_shots_dtd_test_rn50.png" in pngs and "top1_base2new.png" in pngs
+    assert all((out / name).stat().st_size > 1000 for name in pngs)
+    assert (out / "report.md").read_text().startswith("| method |")
+
+
+def test_report_on_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no completed results.json" in capsys.readouterr().err

@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) run.py experiment=demo
+	$(PY) run.py -m experiment=demo
+	$(VENV)/bin/promptbench report outputs/demo --out outputs/demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,23 +4,37 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from promptbench.config import register_resolvers
 from promptbench.errors import PromptbenchError
-from promptbench.runner import run
+from promptbench.runner import record_failure, run
 
 register_resolvers()
+failed_jobs: list[str] = []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except PromptbenchError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        sys.exit(2)
+        run(cfg, run_dir)
+    except Exception as error:
+        record_failure(cfg, run_dir, error)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(error, PromptbenchError):
+                print(f"\nerror: {error}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # In a sweep one failing job must not take the others down: record it, carry on, fail at the end.
+        print(f"\nerror in job {run_dir}: {type(error).__name__}: {error}", file=sys.stderr)
+        failed_jobs.append(run_dir)
 
 
 if __name__ == "__main__":
     main()
+    if failed_jobs:
+        print(f"\n{len(failed_jobs)} job(s) failed; see results.json in:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
+        sys.exit(1)

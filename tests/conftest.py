@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests' models are tiny: one thread each avoids OpenMP threads fighting over 2 shared cores.
+torch.set_num_threads(1)
 COLOURS = {"blue": (30, 60, 220), "green": (30, 190, 40), "red": (220, 30, 30)}
 
 
@@ -57,6 +60,7 @@ def run_env(tmp_path) -> dict[str, str]:
         PROMPTBENCH_OUTPUT=str(tmp_path / "outputs"),
         PROMPTBENCH_CACHE=str(tmp_path / "cache"),
         PROMPTBENCH_DATA=str(tmp_path / "data"),
+        OMP_NUM_THREADS="1",
     )
     return env
 

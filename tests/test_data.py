@@ -112,5 +112,5 @@ def test_fewshot_protocol_continues_one_stream_from_the_run_seed(toy_root):
 def test_all_shots_and_bad_shots():
     items = shuffled_items()
     assert sample_fewshot(items, -1) == items
-    with pytest.raises(ValueError):
+    with pytest.raises(PromptbenchError, match="shots must be >= 0"):
         sample_fewshot(items, -3)

@@ -34,7 +34,7 @@ def results_dir(tmp_path) -> Path:
     write_result(root, "zeroshot", 0, 1, 42.0)
     for seed in (1, 2):
         write_result(root, "coop", 16, seed, 0, dataset="dtd", protocol="base2new",
-                     evals={"base": {"top1": 80.0 + seed}, "new": {"top1": 60.0 + seed}, "hm": {"top1": 70.0}})
+                     evals={"base": {"top1": 80.0 + seed}, "new": {"top1": 60.0 + seed}, "harmonic_mean": {"top1": 70.0}})
     (root / "broken").mkdir()
     (root / "broken" / "results.json").write_text(json.dumps({"status": "failed"}))
     return root

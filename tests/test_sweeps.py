@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import safetensors.torch
+import torch
 
 from conftest import find_results, run_py
 from slurm_cluster import SlurmCluster
@@ -39,3 +43,63 @@ def test_slurm_sweep_runs_every_job(slurm, toy_root, run_env, tmp_path):
     assert sorted(r["seed"] for r in results) == [1, 2, 3]
     assert all(r["status"] == "completed" for r in results)
     assert any((tmp_path / "outputs").rglob(".submitit/*/*_log.out")), "no submitit job logs: not run by SLURM?"
+
+
+def test_identical_rerun_is_skipped_and_a_different_config_is_refused(toy_root, run_env, tmp_path):
+    args = [*SWEEP, f"dataset.root={toy_root}", "seed=1"]
+    assert run_py(args, run_env).returncode == 0
+    [first] = find_results(tmp_path / "outputs")
+    again = run_py(args, run_env)
+    assert again.returncode == 0 and "skipped:" in again.stdout
+    [second] = find_results(tmp_path / "outputs")
+    assert second["finished_at"] == first["finished_at"]
+
+    variant = run_py([*args, "method.template_set=imagenet7"], run_env)
+    assert variant.returncode == 2 and "method" in variant.stderr and "tag=<name>" in variant.stderr
+    [kept] = find_results(tmp_path / "outputs")
+    assert kept["status"] == "completed" and kept["config"]["method"]["template_set"] == "dataset"
+
+    replaced = run_py([*args, "method.template_set=imagenet7", "overwrite=true"], run_env)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    [latest] = find_results(tmp_path / "outputs")
+    assert latest["config"]["method"]["template_set"] == "imagenet7"
+
+
+def test_a_failing_job_does_not_take_the_sweep_down(toy_root, run_env, tmp_path):
+    sweep = [arg for arg in SWEEP if not arg.startswith("shots=")]
+    result = run_py(["-m", *sweep, "seed=1", f"dataset.root={toy_root}", "shots=-5,2"], run_env)
+    assert result.returncode == 1 and "job(s) failed" in result.stderr
+    results = {Path(r["_dir"]).name: r for r in find_results(tmp_path / "outputs")}
+    assert results["shots2_seed1"]["status"] == "completed"
+    failed = results["shots-5_seed1"]
+    assert failed["status"] == "failed" and "shots" in failed["error"]["message"]
+    assert "Traceback" in failed["error"]["traceback"]
+
+
+COOP = ["method=coop", "backbone=tiny", "dataset=folder", "shots=4", "seed=3", "logger=none", "num_workers=0",
+        "method.n_ctx=4", "method.batch_size=4", "method.max_epochs=60"]
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(toy_root, run_env, tmp_path):
+    args = [*COOP, f"dataset.root={toy_root}"]
+    uninterrupted = run_py([*args, "tag=whole"], run_env)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    stopped = run_py([*args, "tag=split", "time_budget_min=0.01"], run_env)
+    assert stopped.returncode == 2 and "time budget" in stopped.stderr and "resume" in stopped.stderr
+    run_dir = tmp_path / "outputs" / "split" / "fewshot" / "folder" / "tiny" / "coop" / "shots4_seed3"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    epochs_done = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
+    assert epochs_done < 59, "the time budget did not interrupt training"
+
+    resumed = run_py([*args, "tag=split"], run_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = {Path(r["_dir"]).relative_to(tmp_path / "outputs").parts[0]: r for r in find_results(tmp_path / "outputs")}
+    assert results["split"]["resumed_from_checkpoint"] and not results["whole"]["resumed_from_checkpoint"]
+    assert results["split"]["metrics"]["test"] == results["whole"]["metrics"]["test"]
+    learned = [safetensors.torch.load_file(tmp_path / "outputs" / tag / "fewshot/folder/tiny/coop/shots4_seed3/learned.safetensors")
+               for tag in ("whole", "split")]
+    for key in learned[0]:
+        torch.testing.assert_close(learned[0][key], learned[1][key], rtol=0, atol=1e-6)
+    assert not checkpoint.exists(), "a completed run keeps no checkpoints"

@@ -9,9 +9,11 @@ from promptbench.errors import PromptbenchError
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from promptbench.report import aggregate, load_results, markdown_table
+    from promptbench.report import report
 
-    print(markdown_table(aggregate(load_results(args.dirs), args.metric), args.metric))
+    print(report(args.dirs, out_dir=args.out, metric=args.metric, with_ci=args.ci95, compare=args.compare,
+                 plots=not args.no_plots))
+    print(f"\nwritten: {args.out or args.dirs[0]}/report.md, report.csv" + ("" if args.no_plots else " and plots"))
 
 
 def cmd_pretrain_mini(args: argparse.Namespace) -> None:
@@ -36,12 +38,121 @@ def cmd_pretrain_mini(args: argparse.Namespace) -> None:
         print(f"installed into {BUNDLED_DIR}")
 
 
+def cmd_interpret(args: argparse.Namespace) -> None:
+    from promptbench.methods.prompt_learner import interpret_learned
+
+    print(interpret_learned(args.path, backbone_config=args.backbone_config, top_k=args.top_k))
+
+
+# ---- `promptbench cache ls|rm`: inspect and prune the feature cache -----------------------------------
+def _feature_store(args: argparse.Namespace):
+    from promptbench.data.features import FeatureStore, default_feature_cache_root
+
+    return FeatureStore(args.root or default_feature_cache_root())
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> None:
+    store = _feature_store(args)
+    entries = store.entries()
+    print(f"feature cache {store.root}: {len(entries)} entries, {_human_size(sum(e.size_bytes for e in entries))}")
+    if entries:
+        print(f"{'digest':<12} {'modified':<16} {'size':>10} {'n x dim':>12}  {'backbone':<36} {'precision':<10} what")
+    for entry in sorted(entries, key=lambda e: e.modified):
+        shape = f"{entry.count}x{entry.dim}" if entry.count is not None else "?"
+        print(f"{entry.digest[:12]:<12} {entry.modified:%Y-%m-%d %H:%M} {_human_size(entry.size_bytes):>10} {shape:>12}  "
+              f"{str(entry.key.get('backbone', '?')):<36} {str(entry.key.get('precision', '?')):<10} {entry.summary()}")
+    leftovers = store.leftovers()
+    if leftovers:
+        print(f"{len(leftovers)} files left by killed extractions (`promptbench cache rm --all` removes them)")
+
+
+def cmd_cache_rm(args: argparse.Namespace) -> None:
+    import time
+    from datetime import datetime
+
+    if not (args.all or args.older_than is not None or args.backbone or args.digests):
+        raise PromptbenchError("cache rm: say what to remove: --all, --older-than DAYS, --backbone NAME or DIGEST...")
+    store = _feature_store(args)
+    entries = store.entries()
+    if args.digests:
+        chosen = []
+        for prefix in args.digests:
+            matches = [e for e in entries if e.digest.startswith(prefix)]
+            if len(matches) != 1:
+                found = "no entry" if not matches else f"{len(matches)} entries"
+                raise PromptbenchError(f"cache rm: digest '{prefix}' matches {found} in {store.root} (see `promptbench cache ls`)")
+            chosen += matches
+        entries = chosen
+    if args.older_than is not None:
+        cutoff = datetime.fromtimestamp(time.time() - args.older_than * 86400)
+        entries = [e for e in entries if e.modified < cutoff]
+    if args.backbone:
+        entries = [e for e in entries if args.backbone in str(e.key.get("backbone", ""))]
+    for entry in entries:
+        store.remove(entry)
+    leftovers = store.leftovers() if args.all else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    print(f"removed {len(entries)} entries ({_human_size(sum(e.size_bytes for e in entries))})"
+          + (f" and {len(leftovers)} files left by killed extractions" if leftovers else "") + f" from {store.root}")
+
+
+def add_cache_parser(commands) -> None:
+    cache = commands.add_parser("cache", help="list or prune the frozen-feature cache")
+    actions = cache.add_subparsers(dest="cache_command", required=True)
+    root_help = "cache folder (default: $PROMPTBENCH_CACHE/features or ./.cache/promptbench/features, as conf/paths)"
+    ls = actions.add_parser("ls", help="table of cached feature sets: key summary, size, date")
+    ls.add_argument("--root", help=root_help)
+    ls.set_defaults(handler=cmd_cache_ls)
+    rm = actions.add_parser("rm", help="remove cached feature sets (filters combine: all must match)")
+    rm.add_argument("--root", help=root_help)
+    rm.add_argument("--all", action="store_true", help="every entry, and temporary files of killed extractions")
+    rm.add_argument("--older-than", type=float, metavar="DAYS", help="entries last written more than DAYS ago")
+    rm.add_argument("--backbone", metavar="NAME", help="entries whose backbone fingerprint contains NAME")
+    rm.add_argument("digests", nargs="*", metavar="DIGEST", help="entries by digest (a unique prefix is enough)")
+    rm.set_defaults(handler=cmd_cache_rm)
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from promptbench.data.datasets.check import check_dataset
+
+    report = check_dataset(args.dataset, args.root)
+    print(report.text())
+    if report.problems:
+        raise PromptbenchError(
+            f"dataset '{args.dataset}' at {report.root}: {len(report.problems)} missing or unreadable image(s), listed "
+            f"above. Restore them, or run with dataset.skip_bad_images=true to skip unreadable ones."
+        )
+    print("ok")
+
+
+def add_data_parser(commands) -> None:
+    data = commands.add_parser("data", help="inspect the benchmark datasets on disk")
+    actions = data.add_subparsers(dest="data_command", required=True)
+    check = actions.add_parser("check", help="check a dataset folder: layout, images per split and class, bad files")
+    check.add_argument("dataset", help="registry name, e.g. dtd, imagenet, oxford_pets (see conf/dataset/)")
+    check.add_argument("--root", help="the dataset folder (default: $PROMPTBENCH_DATA/<its folder> or ./data/<its folder>)")
+    check.set_defaults(handler=cmd_data_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="aggregate results.json files into a table (mean +- std over seeds)")
     report.add_argument("dirs", nargs="+", help="directories searched recursively for results.json")
     report.add_argument("--metric", default="top1", help="metric to tabulate (top1, mean_per_class, top5, ece)")
+    report.add_argument("--ci95", action="store_true", help="add the 95%% confidence interval over seeds")
+    report.add_argument("--compare", metavar="CSV", help="published numbers to compare with (experiments/published.csv)")
+    report.add_argument("--out", help="where report.md, report.csv and the plots go (default: the first dir)")
+    report.add_argument("--no-plots", action="store_true", help="tables only")
     report.set_defaults(handler=cmd_report)
 
     pre = commands.add_parser("pretrain-mini", help="pretrain the bundled mini CLIP on the synthetic world")
@@ -55,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default="cpu")
     pre.add_argument("--install", action="store_true", help="copy weights and model card into the package")
     pre.set_defaults(handler=cmd_pretrain_mini)
+
+    interpret = commands.add_parser("interpret", help="nearest vocabulary words of learned prompt context (CoOp, CoCoOp)")
+    interpret.add_argument("path", help="learned.safetensors (with its .json sidecar) or a Lightning .ckpt")
+    interpret.add_argument("--backbone-config", help="conf/backbone/<name>.yaml, when the file does not name its backbone")
+    interpret.add_argument("--top-k", type=int, default=5, help="words per context vector")
+    interpret.set_defaults(handler=cmd_interpret)
+    add_cache_parser(commands)
+    add_data_parser(commands)
     return parser
 
 

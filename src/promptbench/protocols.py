@@ -1,13 +1,30 @@
-"""Protocols say what a run trains on and what it evaluates on; the runner only follows the Task they build."""
+"""Protocols say what a run trains on and what it evaluates on; the runner only follows the Task they build.
+
+- `fewshot`: K shots of a dataset, evaluated on its test split.
+- `base2new`: K shots of the base half of the classes; test on the base and the new half, plus their
+  harmonic mean (protocol.md section 2).
+- `cross_dataset`: K shots of a source dataset (ImageNet by default), evaluated on the source and on every
+  target dataset, each with its own classes.
+- `domain_generalization`: K shots of ImageNet, evaluated on ImageNet and its variants in ImageNet's
+  1000-class space (so methods tied to the 1000 classes work), scored over each variant's own classes.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Sequence
 
-from promptbench.data.datasets import Dataset
-from promptbench.data.fewshot import sample_fewshot, val_shots
-from promptbench.data.items import LabeledSet
+import torch
+
+from promptbench.data.datasets import Dataset, ImageNet, ImageNetFamily, imagenet_labels, open_dataset
+from promptbench.data.items import Item, LabeledSet
+from promptbench.errors import PromptbenchError
+
+# Metrics of which a harmonic mean is meaningful (not ECE, not counts).
+ACCURACY_METRICS = ("top1", "mean_per_class", "top5")
+IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 @dataclass
@@ -17,21 +34,67 @@ class Task:
     val: LabeledSet
     evals: dict[str, LabeledSet]
     extra: dict = field(default_factory=dict)
+    # eval set -> the labels (logit columns) it is scored over; absent: all of its classes.
+    scored_labels: dict[str, list[int]] = field(default_factory=dict)
+    # derived result name -> the two eval sets it is the harmonic mean of (base-to-new's "harmonic_mean").
+    harmonic_means: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def sets(self) -> dict[str, LabeledSet]:
         return {"train": self.train, "val": self.val, **self.evals}
+
+    def scored_outputs(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restrict an eval set's logits to the classes it is scored over, labels renumbered to match."""
+        subset = self.scored_labels.get(name)
+        if subset is None:
+            return logits, labels
+        columns = torch.tensor(subset, dtype=torch.long)
+        position = torch.full((logits.shape[1],), -1, dtype=torch.long)
+        position[columns] = torch.arange(len(subset))
+        return logits[:, columns], position[labels.long()]
+
+    def derived_metrics(self, metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        derived = {}
+        for name, (first, second) in self.harmonic_means.items():
+            shared = [key for key in ACCURACY_METRICS if key in metrics[first] and key in metrics[second]]
+            derived[name] = {key: harmonic_mean(metrics[first][key], metrics[second][key]) for key in shared}
+        return derived
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def keep_classes(labeled: LabeledSet, selected: Sequence[int]) -> LabeledSet:
+    """The items of the `selected` labels, relabelled 0.. in the order of `selected`."""
+    relabel = {old: new for new, old in enumerate(selected)}
+    items = [Item(item.path, relabel[item.label], item.classname) for item in labeled.items if item.label in relabel]
+    return LabeledSet(items, [labeled.classnames[old] for old in selected], labeled.templates)
 
 
 class Protocol:
     name: ClassVar[str]
 
-    def __init__(self, name: str | None = None):
+    def __init__(self, name: str | None = None, seed: int | None = None):
         if name not in (None, self.name):
             raise ValueError(f"protocol name '{name}' does not match {type(self).__name__} ('{self.name}')")
+        # Names the few-shot split cache entry (shot_K-seed_S); None: sample without caching.
+        self.seed = seed
 
     def build(self, dataset: Dataset, shots: int) -> Task:
         """Called right after the run seed is set, like the reference, so sampling matches it."""
         raise NotImplementedError
+
+    def fewshot(self, dataset: Dataset, shots: int) -> tuple[LabeledSet, LabeledSet]:
+        if dataset.test_only:
+            raise PromptbenchError(
+                f"dataset '{dataset.display_name}' is test-only: train on another dataset and evaluate on it with "
+                f"protocol=cross_dataset 'protocol.targets=[{dataset.name}]' (or protocol=domain_generalization)"
+            )
+        train, val = dataset.fewshot_splits(shots, self.seed)
+        return (
+            LabeledSet(train, dataset["train"].classnames, dataset["train"].templates),
+            LabeledSet(val, dataset["val"].classnames, dataset["val"].templates),
+        )
 
 
 class FewShot(Protocol):
@@ -40,10 +103,92 @@ class FewShot(Protocol):
     name = "fewshot"
 
     def build(self, dataset: Dataset, shots: int) -> Task:
-        train, val = dataset["train"], dataset["val"]
+        train, val = self.fewshot(dataset, shots)
+        return Task(source=dataset.display_name, train=train, val=val, evals={"test": dataset["test"]})
+
+
+class BaseToNew(Protocol):
+    """The reference's class halves: after few-shot sampling, base = first ceil(n/2) sorted train labels."""
+
+    name = "base2new"
+
+    def build(self, dataset: Dataset, shots: int) -> Task:
+        train, val = self.fewshot(dataset, shots)
+        labels = sorted({item.label for item in train.items})
+        half = math.ceil(len(labels) / 2)
+        base, new = labels[:half], labels[half:]
+        if not new:
+            raise PromptbenchError(f"base2new: dataset '{dataset.display_name}' has {len(labels)} class(es); need 2+")
+        test = dataset["test"]
         return Task(
             source=dataset.display_name,
-            train=LabeledSet(sample_fewshot(train.items, shots), train.classnames, train.templates),
-            val=LabeledSet(sample_fewshot(val.items, val_shots(shots)), val.classnames, val.templates),
-            evals={"test": dataset["test"]},
+            train=keep_classes(train, base),
+            val=keep_classes(val, base),
+            evals={"base": keep_classes(test, base), "new": keep_classes(test, new)},
+            harmonic_means={"harmonic_mean": ("base", "new")},
         )
+
+
+class CrossDataset(Protocol):
+    """Train on the run's dataset; evaluate on its test split and on each target's test split (own classes)."""
+
+    name = "cross_dataset"
+
+    def __init__(self, targets: Sequence[str] = (), data_root: str | Path | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.targets = list(targets)
+        if not self.targets:
+            raise PromptbenchError(f"protocol {self.name}: set protocol.targets=[<dataset>, ...]")
+        if data_root is None:
+            raise PromptbenchError(f"protocol {self.name}: set protocol.data_root (default ${{data_root}})")
+        self.data_root = Path(data_root)
+
+    def build(self, dataset: Dataset, shots: int) -> Task:
+        # Sample first, so the source's few-shot set is the one the reference draws right after seeding.
+        train, val = self.fewshot(dataset, shots)
+        evals = {dataset.name: dataset["test"]}
+        task = Task(source=dataset.display_name, train=train, val=val, evals=evals)
+        for target in self.targets:
+            if target in evals:
+                raise PromptbenchError(f"protocol {self.name}: target '{target}' is listed twice or is the source")
+            self.add_target(task, dataset, open_dataset(target, self.data_root))
+        return task
+
+    def add_target(self, task: Task, source: Dataset, target: Dataset) -> None:
+        task.evals[target.name] = target["test"]
+
+
+class DomainGeneralization(CrossDataset):
+    """ImageNet -> V2/Sketch/A/R, each relabelled into ImageNet's classes via wnids.
+
+    Every eval set then has ImageNet's 1000 class names, so any method can score it (class-specific
+    parameters included); ImageNet-A/R are scored over their 200 classes only (`Task.scored_labels`),
+    which is the published 200-way protocol: for methods that encode each class name independently the
+    numbers equal those of a 200-class evaluation.
+    """
+
+    name = "domain_generalization"
+
+    def __init__(self, targets: Sequence[str] = IMAGENET_VARIANTS, **kwargs):
+        super().__init__(targets=targets, **kwargs)
+
+    def build(self, dataset: Dataset, shots: int) -> Task:
+        if not isinstance(dataset, ImageNet):
+            raise PromptbenchError(
+                f"protocol {self.name} trains on ImageNet (dataset=imagenet), not on '{dataset.display_name}'"
+            )
+        return super().build(dataset, shots)
+
+    def add_target(self, task: Task, source: Dataset, target: Dataset) -> None:
+        if not isinstance(target, ImageNetFamily):
+            raise PromptbenchError(f"protocol {self.name}: target '{target.name}' is not an ImageNet variant")
+        to_imagenet = imagenet_labels(target, source)
+        classnames = source["test"].classnames
+        items = [
+            Item(item.path, to_imagenet[item.label], classnames[to_imagenet[item.label]])
+            for item in target["test"].items
+        ]
+        task.evals[target.name] = LabeledSet(items, classnames, source["test"].templates)
+        covered = sorted(set(to_imagenet))
+        if len(covered) < len(classnames):
+            task.scored_labels[target.name] = covered

@@ -203,7 +203,7 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
     if bars:
         figure, axis = plt.subplots(figsize=(6, 3.6))
         groups = sorted({(r.method, r.dataset, r.backbone, r.shots) for r in bars})
-        sets = [s for s in ("base", "new", "hm") if any(r.eval_set == s for r in bars)]
+        sets = [s for s in ("base", "new", "harmonic_mean") if any(r.eval_set == s for r in bars)]
         width = 0.8 / max(1, len(sets))
         for offset, eval_set in enumerate(sets):
             heights = [next((r.mean for r in bars if (r.method, r.dataset, r.backbone, r.shots) == g and r.eval_set == eval_set), 0.0)

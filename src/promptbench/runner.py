@@ -6,12 +6,15 @@ contract (methods/base.py) and the `Task` a protocol builds.
 
 from __future__ import annotations
 
+import json
 import logging
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -24,7 +27,16 @@ from promptbench.io import atomic_path
 from promptbench.methods.base import Method
 from promptbench.metrics import classification_metrics
 from promptbench.protocols import Task
-from promptbench.results import PhaseTimer, command_line, device_info, git_commit, package_versions, write_results
+from promptbench.resume import ResumableTraining
+from promptbench.results import (
+    RESULTS_FILE,
+    PhaseTimer,
+    command_line,
+    device_info,
+    git_commit,
+    package_versions,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 LEARNED_FILE = "learned.safetensors"
@@ -82,7 +94,8 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, 
         method.set_classes(eval_set.classnames, eval_set.templates)
         with timer(f"evaluate/{name}"):
             outputs = predict(trainer, method, datamodule.eval_dataloader(name))
-        metrics[name] = classification_metrics(outputs["logits"], outputs["labels"])
+        # A protocol may score a set over part of its classes (ImageNet-A/R inside ImageNet's 1000).
+        metrics[name] = classification_metrics(*task.scored_outputs(name, outputs["logits"], outputs["labels"]))
         metrics[name]["skipped_images"] = len(eval_set) - len(outputs["index"])
         predictions[name] = {
             "logits": outputs["logits"],
@@ -90,12 +103,84 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, 
             "paths": [eval_set.items[i].path for i in outputs["index"].tolist()],
             "classnames": eval_set.classnames,
         }
+    metrics.update(task.derived_metrics(metrics))  # e.g. base-to-new's harmonic mean
     return metrics, predictions
 
 
+def refuse_untransferable(method: Method, task: Task, protocol: str) -> None:
+    """Fail before training, not after it, when the protocol evaluates classes the method cannot handle."""
+    if method.transfers_to_new_classes:
+        return
+    foreign = [name for name, eval_set in task.evals.items() if eval_set.classnames != task.train.classnames]
+    if foreign:
+        raise PromptbenchError(
+            f"method '{method.name}' learns parameters tied to its {len(task.train.classnames)} training classes, but "
+            f"protocol '{protocol}' evaluates other classes in {foreign}. Use a method or option that transfers "
+            f"(e.g. unified context instead of class-specific context), or protocol=fewshot."
+        )
+
+
+# Options that change where or how a run is logged, never its numbers: ignored when deciding "already done".
+NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", "time_budget_min")
+
+
+def result_relevant(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in NON_RESULT_KEYS}
+
+
+def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The results of an identical, completed run in `run_dir`, or None if it must run.
+
+    A completed run with a different configuration in the same directory is refused (unless
+    overwrite=true): two configurations must never share one results.json.
+    """
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("status") != "completed":
+        return None
+    wanted = result_relevant(OmegaConf.to_container(cfg, resolve=True))
+    existing = result_relevant(previous.get("config", {}))
+    if wanted == existing:
+        return previous
+    if cfg.get("overwrite"):
+        return None
+    differing = sorted(key for key in set(wanted) | set(existing) if wanted.get(key) != existing.get(key))
+    raise PromptbenchError(
+        f"{path} holds a completed run with another configuration (differs in: {', '.join(differing)}). "
+        f"Give this variant its own directory with tag=<name>, or replace it with overwrite=true."
+    )
+
+
+def record_failure(cfg: DictConfig, run_dir: str | Path, error: BaseException) -> Path | None:
+    """A failed job leaves a results.json that says so, with the error, instead of nothing.
+
+    A completed run's results are never replaced by the failure of a later, different job.
+    """
+    path = Path(run_dir) / RESULTS_FILE
+    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+        return None
+    return write_results(run_dir, {
+        "status": "failed",
+        "error": {"type": type(error).__name__, "message": str(error),
+                  "traceback": "".join(traceback.format_exception(error))},
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    })
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one job described by a composed config; returns (and writes) the results payload."""
+    """Run one job described by a composed config; returns (and writes) the results payload.
+
+    An identical completed run in the same directory is not repeated: its results are returned.
+    """
     run_dir = Path(run_dir)
+    previous = completed_run(cfg, run_dir)
+    if previous is not None:
+        print(f"skipped: {run_dir / RESULTS_FILE} already holds this configuration's results")
+        return previous | {"skipped": True}
     timer = PhaseTimer()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -110,13 +195,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         method: Method = build(
             cfg.method, backbone=backbone, classnames=task.train.classnames, templates=task.train.templates
         )
+    refuse_untransferable(method, task, cfg.protocol.name)
     loggers = build_loggers(cfg)
+    resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
+                                  cfg.get("time_budget_min"))
+    if cfg.get("overwrite"):
+        resumable.discard()
     trainer: L.Trainer = build(
         cfg.trainer,
         default_root_dir=str(run_dir),
         precision=cfg.precision,
         logger=loggers or False,
         max_epochs=max(method.max_epochs, 1),
+        callbacks=[resumable] if method.trains else [],
+        # Under SLURM the launcher (submitit) re-queues preempted jobs; Lightning must not re-queue them too.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [],
     )
     feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
     datamodule = FewShotDataModule(
@@ -127,13 +220,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
 
     status = "failed"
+    resume_from = None
     try:
         if cfg.ckpt_path:
             method.load_learned(cfg.ckpt_path)
         if not cfg.eval_only:
             with timer("fit"):
                 if method.trains:
-                    trainer.fit(method, datamodule=datamodule)
+                    resume_from = resumable.resume_path()
+                    trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from)
+                    resumable.raise_if_interrupted(trainer.current_epoch)
                 else:
                     method.prepare(datamodule)
             if method.learned_state():
@@ -158,6 +254,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "shots": cfg.shots if method.uses_train_data else 0,
         "seed": cfg.seed,
         "eval_only": bool(cfg.eval_only),
+        "resumed_from_checkpoint": bool(method.trains and not cfg.eval_only and resume_from is not None),
         "metrics": metrics,
         "method_notes": method.run_notes(),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
@@ -172,6 +269,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = write_results(run_dir, payload)
+    resumable.discard()  # the run is complete: its results, not its checkpoints, are what a re-run reuses
     print(f"\n{method.name} on {task.source} ({backbone.name}, {cfg.shots} shots, seed {cfg.seed}):")
     print(summary_table(metrics))
     print(f"results: {path}")

@@ -1,9 +1,14 @@
 """Frozen image features, extracted once and cached on disk under a key of everything that changes them.
 
-The key covers the backbone (name, weights fingerprint), precision, transform, number of augmented
-views and their seed, and the exact file list (paths, labels, sizes, mtimes), so a changed input can
-never reuse a stale cache. Concurrent jobs asking for the same features take a file lock: one extracts,
-the others wait and read. Files are written to a temporary name and renamed, so no reader sees a torn file.
+The key covers the backbone (name, weights fingerprint), precision, transform, the augmented view's index
+and seed, and the exact file list (paths, labels, sizes, mtimes), so a changed input can never reuse a
+stale cache. Augmented views are cached one file per view: a method asking for 20 views reuses the 10
+another method already extracted, and a method training on "a new augmentation each epoch" reads view
+e mod V at epoch e instead of running the image tower again.
+
+Concurrent jobs asking for the same features take a file lock: one extracts, the others wait and read.
+Files are written to a temporary name and renamed, so no reader sees a torn file, and a killed
+extraction leaves only a temporary file that no reader ever opens.
 """
 
 from __future__ import annotations
@@ -12,23 +17,30 @@ import hashlib
 import json
 import logging
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from promptbench.backbones import Backbone
 from promptbench.data.items import Item
-from promptbench.data.loading import image_loader
+from promptbench.data.loading import ImageDataset, collate_skipping_bad, image_loader
+from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+FEATURE_SUFFIX = ".safetensors"
+# A temporary file older than this cannot belong to a writer that is still alive (save_file writes in one go).
+STALE_TEMPORARY_S = 3600
 
 
 @dataclass
@@ -41,6 +53,48 @@ class FeatureSet:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "labels": self.labels, "index": self.index}
+
+
+@dataclass
+class FeatureViews:
+    """Features [V, N, D] of V augmented views of the same items (same labels and indices in every view)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def stack(cls, views: Sequence[FeatureSet]) -> "FeatureViews":
+        first = views[0]
+        if any(not torch.equal(view.index, first.index) for view in views[1:]):
+            raise PromptbenchError("augmented views of one set disagree on which images could be read (images changed "
+                                  "between extractions?); remove them with `promptbench cache rm --all` and rerun")
+        return cls(torch.stack([view.features for view in views]), first.labels, first.index)
+
+    @property
+    def count(self) -> int:
+        return self.features.shape[0]
+
+    def mean(self) -> FeatureSet:
+        """Raw features averaged over the views (Tip-Adapter's cache averages before normalising)."""
+        return FeatureSet(self.features.mean(dim=0), self.labels, self.index)
+
+
+@dataclass(frozen=True)
+class AugmentedViews:
+    """`count` augmented views (RandomResizedCrop(scale) + horizontal flip) of the train set, cached once."""
+
+    count: int
+    scale: tuple[float, float]
+
+    def __post_init__(self):
+        if int(self.count) < 1:
+            raise PromptbenchError(f"augmented views: count must be >= 1, got {self.count}")
+        low, high = (float(x) for x in self.scale)
+        if not 0 < low <= high <= 1:
+            raise PromptbenchError(f"augmented views: scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")
+        object.__setattr__(self, "count", int(self.count))
+        object.__setattr__(self, "scale", (low, high))
 
 
 def files_digest(items: Sequence[Item]) -> str:
@@ -60,6 +114,39 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def view_seed(seed: int, view: int) -> int:
+    return int(seed) * 1000 + int(view)
+
+
+class SeededViewDataset(ImageDataset):
+    """Item i's random augmentation is drawn from its own seed (view seed, i): a view is the same whatever
+    the batch size, the number of loader workers or the order of the items."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable, skip_bad_images: bool, augment_seed: int):
+        super().__init__(items, transform, skip_bad_images)
+        self.augment_seed = augment_seed
+
+    def item_seed(self, index: int) -> int:
+        digest = hashlib.blake2b(f"{self.augment_seed}:{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.item_seed(index))
+            return super().__getitem__(index)
+
+
+def _view_loader(items, transform, *, batch_size, num_workers, skip_bad_images, augment_seed) -> DataLoader:
+    if augment_seed is None:
+        return image_loader(items, transform, batch_size=batch_size, num_workers=num_workers,
+                            skip_bad_images=skip_bad_images)
+    return DataLoader(
+        SeededViewDataset(items, transform, skip_bad_images, augment_seed),
+        batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 @torch.no_grad()
 def extract_features(
     backbone: Backbone,
@@ -70,40 +157,53 @@ def extract_features(
     precision: str = "32",
     batch_size: int = 128,
     num_workers: int = 0,
-    views: int = 1,
-    seed: int = 0,
+    augment_seed: int | None = None,
     skip_bad_images: bool = False,
     description: str = "features",
 ) -> FeatureSet:
-    """Encode every item `views` times (augmented views differ by seed) and average the raw features."""
+    """Encode every item once. With `augment_seed` the transform's randomness is seeded per item."""
     backbone.to(device)
-    total: torch.Tensor | None = None
+    loader = _view_loader(items, transform, batch_size=batch_size, num_workers=num_workers,
+                          skip_bad_images=skip_bad_images, augment_seed=augment_seed)
     labels = torch.tensor([item.label for item in items], dtype=torch.long)
+    features: torch.Tensor | None = None
     seen = torch.zeros(len(items), dtype=torch.bool)
-    for view in range(views):
-        generator = torch.Generator().manual_seed(seed * 1000 + view)
-        loader = image_loader(
-            items, transform, batch_size=batch_size, num_workers=num_workers,
-            skip_bad_images=skip_bad_images, generator=generator,
-        )
-        with torch.random.fork_rng(devices=[]):
-            # Augmentations draw from torch's global RNG when there are no workers: make them seeded too.
-            torch.manual_seed(seed * 1000 + view)
-            label = f"{description} (view {view + 1}/{views})" if views > 1 else description
-            for batch in tqdm(loader, desc=label, leave=False, dynamic_ncols=True):
-                if batch is None:
-                    continue
-                images, _, index = batch
-                with autocast(device, precision):
-                    encoded = backbone.encode_image(images.to(device, non_blocking=True)).float().cpu()
-                if total is None:
-                    total = torch.zeros(len(items), encoded.shape[-1])
-                total[index] += encoded
-                seen[index] = True
-    if total is None:
-        raise RuntimeError(f"{description}: no image could be read")
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        images, _, index = batch
+        with autocast(device, precision):
+            encoded = backbone.encode_image(images.to(device, non_blocking=True)).float().cpu()
+        if features is None:
+            features = torch.zeros(len(items), encoded.shape[-1])
+        features[index] = encoded
+        seen[index] = True
+    if features is None:
+        raise PromptbenchError(f"{description}: none of the {len(items)} images could be read")
     kept = seen.nonzero().squeeze(1)
-    return FeatureSet(total[kept] / views, labels[kept], kept)
+    return FeatureSet(features[kept], labels[kept], kept)
+
+
+@dataclass
+class CacheEntry:
+    """One cached FeatureSet on disk, as `promptbench cache ls|rm` sees it."""
+
+    digest: str
+    path: Path
+    key: dict[str, Any]
+    count: int | None
+    dim: int | None
+    size_bytes: int
+    modified: datetime
+
+    def files(self) -> list[Path]:
+        return [self.path, self.path.with_suffix(".json"), self.path.with_suffix(".lock")]
+
+    def summary(self) -> str:
+        """`dataset/set view` in words: which images, which pass."""
+        view = self.key.get("view")
+        what = "test transform" if view is None else f"aug view {view} (seed {self.key.get('augment_seed')})"
+        return f"{self.key.get('dataset', '?')}/{self.key.get('set', '?')} {what}"
 
 
 class FeatureStore:
@@ -121,7 +221,7 @@ class FeatureStore:
 
     def path_for(self, key: dict[str, Any]) -> Path:
         assert self.root is not None
-        return self.root / f"{self.digest(key)}.safetensors"
+        return self.root / f"{self.digest(key)}{FEATURE_SUFFIX}"
 
     def get(self, key: dict[str, Any], extract: Callable[[], FeatureSet]) -> FeatureSet:
         if not self.enabled:
@@ -138,6 +238,7 @@ class FeatureStore:
                 return self._read(path)
             features = extract()
             self.extractions += 1
+            # The sidecar goes first: a features file never exists without its description.
             write_json_atomic(path.with_suffix(".json"), {"key": key, "count": len(features.labels),
                                                           "dim": int(features.features.shape[-1])})
             with atomic_path(path) as tmp:
@@ -149,3 +250,47 @@ class FeatureStore:
     def _read(path: Path) -> FeatureSet:
         tensors = load_file(str(path))
         return FeatureSet(tensors["features"], tensors["labels"], tensors["index"])
+
+    # ---- inspection and pruning (`promptbench cache ls|rm`) -----------------------------------------
+    def entries(self) -> list[CacheEntry]:
+        if self.root is None or not self.root.is_dir():
+            return []
+        entries = []
+        for path in sorted(self.root.glob(f"*{FEATURE_SUFFIX}")):
+            sidecar = path.with_suffix(".json")
+            try:
+                described = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                described = {}
+            stat = path.stat()
+            size = stat.st_size + (sidecar.stat().st_size if sidecar.is_file() else 0)
+            entries.append(CacheEntry(
+                digest=path.name[: -len(FEATURE_SUFFIX)], path=path, key=described.get("key", {}),
+                count=described.get("count"), dim=described.get("dim"), size_bytes=size,
+                modified=datetime.fromtimestamp(stat.st_mtime),
+            ))
+        return entries
+
+    def leftovers(self) -> list[Path]:
+        """Files of extractions killed while writing (temporary files, sidecars without features, their locks):
+        never read, only taking space. Recent ones may belong to a live writer and are left alone."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        cutoff = time.time() - STALE_TEMPORARY_S
+        orphans = [p for pattern in ("*.json", "*.lock") for p in self.root.glob(pattern)
+                   if not p.with_suffix(FEATURE_SUFFIX).exists()]
+        return [p for p in [*self.root.glob(".*.tmp"), *orphans] if p.stat().st_mtime < cutoff]
+
+    @staticmethod
+    def remove(entry: CacheEntry) -> None:
+        # The features file goes first, so a concurrent reader either finds a whole entry or none.
+        for path in entry.files():
+            path.unlink(missing_ok=True)
+
+
+def default_feature_cache_root() -> Path:
+    """The cache root that conf/paths/default.yaml gives (`paths.feature_cache_dir`), for commands run outside Hydra."""
+    cache_dir = os.environ.get("PROMPTBENCH_CACHE") or str(
+        Path(os.environ.get("PROMPTBENCH_ROOT", ".")) / ".cache" / "promptbench"
+    )
+    return Path(cache_dir) / "features"

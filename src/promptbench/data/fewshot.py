@@ -12,6 +12,7 @@ import random
 from typing import Sequence
 
 from promptbench.data.items import Item
+from promptbench.errors import PromptbenchError
 
 VAL_SHOTS_CAP = 4
 ALL_SHOTS = -1
@@ -29,7 +30,7 @@ def sample_fewshot(items: Sequence[Item], shots: int, rng: random.Random | None 
     if shots == ALL_SHOTS:
         return list(items)
     if shots < 0:
-        raise ValueError(f"shots must be >= 0 or {ALL_SHOTS} (all), got {shots}")
+        raise PromptbenchError(f"shots must be >= 0, or {ALL_SHOTS} for all training images; got shots={shots}")
     rng = rng or random  # the module-level stream, as the reference uses it
     sampled: list[Item] = []
     for group in group_by_label(items).values():

@@ -45,17 +45,14 @@ def image_loader(
     *,
     batch_size: int,
     num_workers: int,
-    shuffle: bool = False,
     skip_bad_images: bool = False,
-    generator: torch.Generator | None = None,
 ) -> DataLoader:
+    """An in-order loader (evaluation, feature extraction); training loaders add their own epoch-seeded sampler."""
     return DataLoader(
         ImageDataset(items, transform, skip_bad_images),
         batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=collate_skipping_bad,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
-        generator=generator,
     )

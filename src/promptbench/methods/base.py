@@ -116,6 +116,10 @@ class Method(L.LightningModule):
             "templates": self.templates,
         }
 
+    def resize_for_loading(self, state: dict[str, torch.Tensor]) -> None:
+        """Hook: give learned tensors whose size comes from the training data (e.g. a cache of train features)
+        the saved shapes before `load_learned` checks them. Default: every learned tensor has a fixed size."""
+
     def learned_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
 
@@ -136,6 +140,7 @@ class Method(L.LightningModule):
                 f"{path} holds parameters for {len(saved['classnames'])} other classes; method '{self.name}' "
                 f"cannot be moved to a new class set."
             )
+        self.resize_for_loading(state)
         own = self.state_dict()
         mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                       if k in own and v.shape != own[k].shape]

@@ -1,0 +1,261 @@
+"""`make bench`: promptbench's speed against straightforward reference-style code, at equal results.
+
+Sections (each writes rows to experiments/benchmarks.json and a Markdown table to experiments/benchmarks.md):
+1. CoOp training step (forward + backward + SGD) and peak memory vs a reference-style step (every prompt
+   re-tokenised each step, one 77-token text-encoder pass over all classes), batch 32, n_cls 10/100/1000;
+   the two produce equal logits, checked before timing.
+2. CoCoOp step, batched (one text pass over B x n_cls prompts) vs the per-image loop, batch 32.
+3. Image feature extraction (decode + transform + model, through the DataLoader) vs the bare model
+   forward on pre-decoded tensors: how close the pipeline gets to the model's own limit.
+`--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from promptbench.backbones import Backbone, load_backbone
+from promptbench.io import atomic_path, write_json_atomic
+from promptbench.methods.cocoop import CoCoOp
+from promptbench.methods.coop import CoOp
+from promptbench.results import device_info, package_versions
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+BATCH = 32
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA allocator peak on GPU, sampled resident set size on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._base, self._stop = self._rss_mb(), threading.Event()
+            self._peak = self._base
+
+            def sample() -> None:
+                while not self._stop.wait(0.002):
+                    self._peak = max(self._peak, self._rss_mb())
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb()) - self._base
+
+
+def timed(step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per call and peak memory (MB) over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), memory.peak_mb
+
+
+def class_names(n: int) -> list[str]:
+    words = ["red", "small", "striped", "wooden", "flying", "round", "old", "bright", "dark", "tiny"]
+    nouns = ["car", "bird", "flower", "dog", "plane", "house", "chair", "fish", "tree", "boat"]
+    return [f"{words[i % 10]} {nouns[(i // 10) % 10]} {i // 100}" for i in range(n)]
+
+
+# ---- the reference-style baselines ----------------------------------------------------------------------
+def reference_text_features(backbone: Backbone, classnames: list[str], ctx: torch.Tensor) -> torch.Tensor:
+    """Reference-style CoOp prompts: tokenise every step, per-class concatenation, full 77-token pass."""
+    model = backbone.model
+    n_ctx = ctx.shape[-2]
+    device = model.token_embedding.weight.device
+    tokens = open_clip.tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
+                                context_length=backbone.context_length).to(device)
+    embedding = model.token_embedding(tokens)
+    ctx = ctx.expand(len(classnames), -1, -1) if ctx.dim() == 3 else ctx.unsqueeze(0).expand(len(classnames), -1, -1)
+    x = torch.cat([embedding[:, :1], ctx.to(embedding.dtype), embedding[:, 1 + n_ctx:]], dim=1)
+    x = model.ln_final(model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask))
+    return x[torch.arange(len(classnames), device=device), tokens.argmax(-1)] @ model.text_projection
+
+
+def reference_coop_logits(backbone: Backbone, classnames: list[str], ctx: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        image = F.normalize(backbone.encode_image(images), dim=-1)
+    text = F.normalize(reference_text_features(backbone, classnames, ctx), dim=-1)
+    return backbone.logit_scale * image @ text.T
+
+
+def reference_cocoop_logits(method: CoCoOp, images: torch.Tensor) -> torch.Tensor:
+    """The reference's CoCoOp loop: one image at a time, its shifted context, a full pass over all classes."""
+    backbone = method.backbone
+    with torch.no_grad():
+        image = F.normalize(backbone.encode_image(images), dim=-1)
+    rows = []
+    for feature in image:
+        ctx = method.prompt_learner.ctx + method.meta_net(feature.unsqueeze(0))
+        text = F.normalize(reference_text_features(backbone, method.classnames, ctx), dim=-1)
+        rows.append(backbone.logit_scale * feature @ text.T)
+    return torch.stack(rows)
+
+
+def training_step(logits_fn: Callable[[], torch.Tensor], labels: torch.Tensor, optimizer) -> Callable[[], None]:
+    def step() -> None:
+        loss = F.cross_entropy(logits_fn().float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+# ---- sections -------------------------------------------------------------------------------------------
+def bench_coop(backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
+    rows = []
+    images = torch.randn(BATCH, 3, backbone.image_size, backbone.image_size, device=device)
+    for n_cls in class_counts:
+        names = class_names(n_cls)
+        labels = torch.randint(0, n_cls, (BATCH,), device=device)
+        method = CoOp(backbone, names, ["a photo of a {}."]).to(device)
+        ctx = method.prompt_learner.ctx
+        with torch.no_grad():
+            ours, reference = method(images), reference_coop_logits(backbone, names, ctx, images)
+        max_diff = (ours - reference).abs().max().item()
+        optimizer = torch.optim.SGD([ctx], lr=1e-4, momentum=0.9)
+        ours_s, ours_mb = timed(training_step(lambda: method(images), labels, optimizer), device, repeats)
+        ref_s, ref_mb = timed(training_step(lambda: reference_coop_logits(backbone, names, ctx, images), labels, optimizer),
+                              device, repeats)
+        rows.append({"section": "coop_step", "backbone": backbone.name, "n_cls": n_cls, "batch": BATCH,
+                     "promptbench_ms": ours_s * 1e3, "reference_ms": ref_s * 1e3, "speedup": ref_s / ours_s,
+                     "promptbench_peak_mb": ours_mb, "reference_peak_mb": ref_mb, "max_logit_diff": max_diff,
+                     "prompt_tokens": int(method.prompt_learner.eos.max()) + 1, "context_length": backbone.context_length})
+    return rows
+
+
+def bench_cocoop(backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
+    rows = []
+    images = torch.randn(BATCH, 3, backbone.image_size, backbone.image_size, device=device)
+    for n_cls in class_counts:
+        names = class_names(n_cls)
+        labels = torch.randint(0, n_cls, (BATCH,), device=device)
+        method = CoCoOp(backbone, names, ["a photo of a {}."]).to(device)
+        with torch.no_grad():
+            max_diff = (method(images) - reference_cocoop_logits(method, images)).abs().max().item()
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
+        ours_s, ours_mb = timed(training_step(lambda: method(images), labels, optimizer), device, repeats)
+        loop_s, loop_mb = timed(training_step(lambda: reference_cocoop_logits(method, images), labels, optimizer),
+                                device, max(1, repeats // 2), warmup=1)
+        rows.append({"section": "cocoop_step", "backbone": backbone.name, "n_cls": n_cls, "batch": BATCH,
+                     "batched_ms": ours_s * 1e3, "per_image_loop_ms": loop_s * 1e3, "speedup": loop_s / ours_s,
+                     "batched_peak_mb": ours_mb, "loop_peak_mb": loop_mb, "max_logit_diff": max_diff})
+    return rows
+
+
+def bench_extraction(backbone: Backbone, device: torch.device, images: int, workers: int) -> list[dict]:
+    from PIL import Image
+
+    from promptbench.data.features import extract_features
+    from promptbench.data.items import Item
+    from promptbench.data.transforms import test_transform
+
+    size = backbone.image_size
+    transform = test_transform(size, backbone.mean, backbone.std)
+    with tempfile.TemporaryDirectory() as folder:
+        generator = torch.Generator().manual_seed(0)
+        items = []
+        for index in range(images):
+            pixels = (torch.rand(int(size * 1.15), int(size * 1.3), 3, generator=generator) * 255).to(torch.uint8)
+            path = Path(folder) / f"{index}.jpg"
+            Image.fromarray(pixels.numpy()).save(path, quality=90)
+            items.append(Item(str(path), index % 10, str(index % 10)))
+        extract_features(backbone, items[: min(64, images)], transform, device=device, num_workers=0)  # warm-up
+        start = time.perf_counter()
+        extract_features(backbone, items, transform, device=device, batch_size=128, num_workers=workers)
+        pipeline_s = time.perf_counter() - start
+        batch = torch.randn(128, 3, size, size, device=device)
+        with torch.no_grad():
+            model_s, _ = timed(lambda: backbone.encode_image(batch), device, repeats=3, warmup=1)
+    pipeline_rate, model_rate = images / pipeline_s, 128 / model_s
+    return [{"section": "extraction", "backbone": backbone.name, "images": images, "workers": workers,
+             "pipeline_images_per_s": pipeline_rate, "model_images_per_s": model_rate,
+             "fraction_of_model_limit": pipeline_rate / model_rate}]
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# promptbench benchmarks", "",
+             f"Measured {meta['date']} on {meta['device']['name']} ({meta['device']['type']}, "
+             f"{meta['device']['torch_threads']} torch threads), precision fp32, torch {meta['versions'].get('torch')}."
+             f"{' SMOKE MODE: toy sizes, numbers mean nothing.' if meta['smoke'] else ''}", ""]
+    for section in dict.fromkeys(row["section"] for row in rows):
+        selected = [row for row in rows if row["section"] == section]
+        columns = [key for key in selected[0] if key != "section"]
+        lines += [f"## {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in selected:
+            lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone", default="mini", help="tiny | mini | an open_clip model name (random weights)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes for CI; no meaningful timings")
+    parser.add_argument("--out", default=str(EXPERIMENTS), help="folder for benchmarks.md / benchmarks.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
+    model_name, pretrained = names.get(args.backbone, (args.backbone, "random"))
+    backbone = load_backbone(args.backbone, model_name, pretrained).to(device)
+    classes = [4] if args.smoke else [10, 100, 1000]
+    repeats = 2 if args.smoke else 10
+    rows = bench_coop(backbone, device, classes, repeats)
+    rows += bench_cocoop(backbone, device, [4] if args.smoke else [10, 100], repeats)
+    rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": device_info(device), "versions": package_versions(),
+            "smoke": args.smoke, "backbone": backbone.describe(), "host": platform.node()}
+    out = Path(args.out)
+    stem = "benchmarks_smoke" if args.smoke else "benchmarks"
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    with atomic_path(out / f"{stem}.md") as tmp:
+        tmp.write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The recipe shared by methods that train a small head on cached frozen features (CLIP-Adapter, Tip-Adapter-F).
+
+Their train loader yields cached augmented views of the train set (a different view each epoch, see
+`Method.train_views` and data/datamodule.py), so training never runs the image tower. The loss is plain
+cross-entropy on `forward(raw features)`; each method's forward does its own normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from promptbench.errors import PromptbenchError
+
+
+class TrainsOnCachedViews:
+    """Mixin for a `Method` with input_kind "features": cross-entropy training on its train loader's features."""
+
+    trains = True
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        features, labels, _ = batch
+        loss = F.cross_entropy(self(features), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+
+def positive(value: float, option: str, method: str) -> float:
+    value = float(value)
+    if not value > 0:
+        raise PromptbenchError(f"method '{method}': {option} must be > 0, got {value}")
+    return value
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int = 0,
+                       warmup_factor: float = 1.0) -> LambdaLR:
+    """Cosine decay over `total` scheduler steps; the first `warmup` steps hold lr * warmup_factor.
+
+    Step t >= warmup uses cos(pi * t / total), as Dassl's constant warm-up followed by its cosine
+    schedule (CoOp, CLIP-Adapter); with warmup 0 it is torch's CosineAnnealingLR(T_max=total) (Tip-Adapter-F).
+    """
+    total = max(int(total), 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return warmup_factor
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    return LambdaLR(optimizer, factor)

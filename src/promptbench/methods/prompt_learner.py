@@ -1,0 +1,224 @@
+"""Learned prompt context (CoOp, CoCoOp): the one place that turns context vectors into text features.
+
+Prompt layout of the reference CoOp: [SOS][V1..VM][class-name tokens][.][EOS], with the class tokens at
+the end, in the middle (between the two halves of the context) or at the front. Class names are
+tokenised once per class set and their embeddings kept as buffers; only the context is a Parameter.
+Buffers stop after the longest prompt's EOS: attention is causal, so the EOS feature never depends on
+the padding behind it and the text encoder sees ~20 tokens instead of 77.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from promptbench.backbones import Backbone, load_backbone
+from promptbench.errors import PromptbenchError
+from promptbench.methods.base import read_learned
+from promptbench.methods.prompts import readable_classname
+
+log = logging.getLogger(__name__)
+
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+# Stand-in word tokenised at the context positions; its embeddings are replaced by the context vectors.
+PLACEHOLDER = "X"
+CONTEXT_INIT_STD = 0.02
+CONTEXT_KEY = "prompt_learner.ctx"
+
+
+class PromptLearner(nn.Module):
+    """Context vectors plus the fixed token embeddings of every class prompt.
+
+    `ctx` is [M, ctx_dim] (unified: one context shared by all classes) or [n_cls, M, ctx_dim]
+    (class-specific, `csc`). The backbone is passed to each call rather than stored, so the frozen CLIP
+    weights never become part of this module's state.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        csc: bool = False,
+        class_token_position: str = "end",
+    ):
+        super().__init__()
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise PromptbenchError(
+                f"class_token_position='{class_token_position}' is unknown: use one of {list(CLASS_TOKEN_POSITIONS)}"
+            )
+        self.csc = bool(csc)
+        self.class_token_position = class_token_position
+        self.classnames: list[str] = []
+        if ctx_init:
+            vectors = self._phrase_vectors(backbone, ctx_init)
+            if int(n_ctx) != len(vectors):
+                log.info("ctx_init '%s' has %d tokens: n_ctx=%d is replaced by %d", ctx_init, len(vectors), n_ctx,
+                         len(vectors))
+            if self.csc:
+                vectors = vectors.expand(len(classnames), -1, -1).clone()
+        else:
+            if int(n_ctx) < 1:
+                raise PromptbenchError(f"n_ctx={n_ctx}: a learned prompt needs at least one context vector (n_ctx >= 1)")
+            shape = (len(classnames), int(n_ctx), backbone.ctx_dim) if self.csc else (int(n_ctx), backbone.ctx_dim)
+            vectors = torch.empty(shape)
+            nn.init.normal_(vectors, std=CONTEXT_INIT_STD)
+        # The context is trained in fp32 even when mixed precision runs the encoder in half.
+        self.ctx = nn.Parameter(vectors.float())
+        self.set_classes(backbone, classnames)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ctx.shape[-2])
+
+    @staticmethod
+    def _phrase_vectors(backbone: Backbone, phrase: str) -> torch.Tensor:
+        """Token embeddings of an initialisation phrase such as "a photo of a": one context vector per token."""
+        phrase = phrase.replace("_", " ").strip()
+        tokens = backbone.tokenize([phrase])
+        n_tokens = int(backbone.eos_positions(tokens)[0]) - 1
+        if n_tokens < 1:
+            raise PromptbenchError(f"ctx_init='{phrase}' has no tokens; give a phrase such as 'a photo of a' or null")
+        with torch.no_grad():
+            return backbone.embed_tokens(tokens)[0, 1 : 1 + n_tokens].detach().cpu()
+
+    def set_classes(self, backbone: Backbone, classnames: Sequence[str]) -> None:
+        """Tokenise the prompts of a class set once and keep their fixed embeddings as buffers."""
+        classnames = list(classnames)
+        if self.csc and self.classnames and classnames != self.classnames:
+            raise PromptbenchError(
+                f"class-specific context (csc=true) holds one context per training class ({len(self.classnames)}) and "
+                f"cannot be moved to another class set ({len(classnames)} classes); train with csc=false to transfer"
+            )
+        n_ctx, limit = self.n_ctx, backbone.context_length
+        names = [readable_classname(name) for name in classnames]
+        name_lengths = backbone.eos_positions(backbone.tokenize(names)) - 1
+        # SOS + context + name + "." + EOS must fit: the tokenizer would otherwise silently cut the name.
+        too_long = [name for name, length in zip(names, name_lengths.tolist()) if 1 + n_ctx + length + 2 > limit]
+        if too_long:
+            raise PromptbenchError(
+                f"prompt longer than the text encoder's {limit} tokens for class name(s) {too_long[:3]} with "
+                f"{n_ctx} context tokens; use a smaller n_ctx or a shorter ctx_init phrase"
+            )
+        tokens = backbone.tokenize([" ".join([PLACEHOLDER] * n_ctx) + " " + name + "." for name in names])
+        eos = backbone.eos_positions(tokens)
+        length = int(eos.max()) + 1
+        with torch.no_grad():
+            embeddings = backbone.embed_tokens(tokens[:, :length])
+        device = embeddings.device
+        self.register_buffer("token_prefix", embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("token_suffix", embeddings[:, 1 + n_ctx :].clone(), persistent=False)
+        self.register_buffer("eos", eos.to(device), persistent=False)
+        order = token_order(self.class_token_position, n_ctx, name_lengths.tolist(), length)
+        self.register_buffer("order", None if order is None else order.to(device), persistent=False)
+        self.classnames = classnames
+
+    def prompts(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings [*batch, n_cls, L, ctx_dim] for context `ctx` (default: the learned one).
+
+        `ctx` broadcasts against [n_cls, M, ctx_dim]: [M, d] is shared by all classes, [n_cls, M, d] is
+        class-specific, and [B, 1, M, d] gives every image its own context (CoCoOp).
+        """
+        ctx = self.ctx if ctx is None else ctx
+        ctx = ctx.to(self.token_prefix.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0)
+        n_cls = self.token_prefix.shape[0]
+        batch = ctx.shape[:-3]
+        prompts = torch.cat(
+            [
+                self.token_prefix.expand(*batch, -1, -1, -1),
+                ctx.expand(*batch, n_cls, -1, -1),
+                self.token_suffix.expand(*batch, -1, -1, -1),
+            ],
+            dim=-2,
+        )
+        if self.order is None:
+            return prompts
+        index = self.order.unsqueeze(-1).expand(*prompts.shape)
+        return prompts.gather(-2, index)
+
+    def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass."""
+        prompts = self.prompts(ctx)
+        batch, n_cls = prompts.shape[:-3], prompts.shape[-3]
+        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        eos = self.eos.repeat(flat.shape[0] // n_cls)
+        return backbone.encode_text_embeddings(flat, eos).view(*batch, n_cls, -1)
+
+
+def token_order(position: str, n_ctx: int, name_lengths: Sequence[int], length: int) -> torch.Tensor | None:
+    """Per class, where each token of the class-at-end layout goes for `position` (None: end, no reordering).
+
+    The end layout is [SOS][ctx 1..M][name][.][EOS]...; "middle" puts the name between ctx[:M//2] and
+    ctx[M//2:], "front" puts it before the whole context. Tokens from "." on keep their places.
+    """
+    if position == "end":
+        return None
+    rows = []
+    for name_length in name_lengths:
+        context = list(range(1, 1 + n_ctx))
+        name = list(range(1 + n_ctx, 1 + n_ctx + name_length))
+        half = n_ctx // 2
+        middle = context[:half] + name + context[half:] if position == "middle" else name + context
+        rows.append([0, *middle, *range(1 + n_ctx + name_length, length)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ---- interpretation ---------------------------------------------------------------------------------
+def nearest_words(backbone: Backbone, vectors: torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each vector [*, ctx_dim], the `top_k` vocabulary tokens closest in Euclidean distance (CoOp paper)."""
+    vocabulary = backbone.model.token_embedding.weight.detach().float().cpu()
+    flat = vectors.detach().float().cpu().reshape(-1, vocabulary.shape[1])
+    if flat.shape[1] != vocabulary.shape[1]:
+        raise PromptbenchError(
+            f"context vectors have width {flat.shape[1]} but backbone '{backbone.name}' embeds tokens in "
+            f"{vocabulary.shape[1]} dimensions: pass the backbone the prompts were learned with"
+        )
+    distances, ids = torch.cdist(flat, vocabulary).topk(min(top_k, vocabulary.shape[0]), dim=1, largest=False)
+    decode = backbone.tokenizer.decode
+    return [
+        [(decode([token]).strip(), float(distance)) for token, distance in zip(row_ids.tolist(), row_distances.tolist())]
+        for row_ids, row_distances in zip(ids, distances)
+    ]
+
+
+def interpret_learned(path: str | Path, backbone_config: str | Path | None = None, top_k: int = 5) -> str:
+    """A table of the nearest vocabulary words of every learned context vector in `path`."""
+    from omegaconf import OmegaConf
+
+    state, metadata = read_learned(path)
+    if CONTEXT_KEY not in state:
+        raise PromptbenchError(f"{path} holds no learned prompt context ('{CONTEXT_KEY}'); was it saved by CoOp/CoCoOp?")
+    if backbone_config is not None:
+        described = OmegaConf.to_container(OmegaConf.load(backbone_config), resolve=True)
+    elif "backbone" in metadata:
+        described = metadata["backbone"]
+    else:
+        raise PromptbenchError(f"{path} does not name its backbone: pass --backbone-config conf/backbone/<name>.yaml")
+    backbone = load_backbone(described["name"], described["model_name"], described.get("pretrained"),
+                             cache_dir=described.get("cache_dir"))
+    ctx = state[CONTEXT_KEY]
+    words = nearest_words(backbone, ctx, top_k)
+    n_ctx = ctx.shape[-2]
+    if ctx.dim() == 3:
+        classnames = metadata.get("classnames") or [f"class {i}" for i in range(ctx.shape[0])]
+        labels = [f"{classnames[i // n_ctx]} #{i % n_ctx + 1}" for i in range(len(words))]
+    else:
+        labels = [f"#{i + 1}" for i in range(len(words))]
+    width = max(len(label) for label in [*labels, "context"]) + 2
+    header = f"{'context':<{width}}" + "".join(f"{f'nearest {k + 1}':<24}" for k in range(len(words[0])))
+    lines = [
+        f"{metadata.get('method', 'prompt')} context from {path} ({n_ctx} vectors, backbone {backbone.name}); "
+        f"nearest vocabulary tokens by Euclidean distance in the token-embedding space:",
+        header.rstrip(),
+    ]
+    for label, row in zip(labels, words):
+        cells = "".join(f"{f'{word} ({distance:.3f})':<24}" for word, distance in row)
+        lines.append(f"{label:<{width}}{cells}".rstrip())
+    return "\n".join(lines)

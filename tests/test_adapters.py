@@ -1,0 +1,329 @@
+"""Tip-Adapter, Tip-Adapter-F, CLIP-Adapter and the linear probe on the tiny backbone and small data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from conftest import REPO, find_results, run_py
+from promptbench.data.datamodule import FewShotDataModule
+from promptbench.data.datasets import FolderDataset
+from promptbench.data.features import FeatureSet, FeatureStore
+from promptbench.errors import PromptbenchError
+from promptbench.methods.clip_adapter import CLIPAdapter, ResidualAdapter
+from promptbench.methods.linear_probe import LinearProbe, search_c
+from promptbench.methods.prompts import text_classifier
+from promptbench.methods.tip_adapter import (
+    PUBLISHED_SETTINGS, TipAdapter, TipAdapterF, TipSettings, reference_grid, search_alpha_beta,
+)
+from promptbench.protocols import FewShot
+
+CLASSES = ["blue", "green", "red"]
+TEMPLATES = ["a photo of a {}."]
+
+
+class RecordingStore(FeatureStore):
+    """A real cache that remembers which sets were read through it."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.sets_seen: list[str] = []
+
+    def get(self, key, extract):
+        self.sets_seen.append(key["set"])
+        return super().get(key, extract)
+
+
+@pytest.fixture(scope="module")
+def task(toy_root):
+    return FewShot().build(FolderDataset(toy_root), 2)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return RecordingStore(tmp_path_factory.mktemp("features"))
+
+
+def datamodule_for(method, task, backbone, store) -> FewShotDataModule:
+    store.sets_seen.clear()
+    return FewShotDataModule(task, backbone, method.input_kind, device=torch.device("cpu"), feature_store=store,
+                             batch_size=method.batch_size, eval_batch_size=16, seed=1,
+                             train_views=method.train_views)
+
+
+class LossHistory(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(method, datamodule) -> LossHistory:
+    history = LossHistory()
+    trainer = L.Trainer(max_epochs=method.max_epochs, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[history])
+    trainer.fit(method, datamodule=datamodule)
+    return history
+
+
+# ---- Tip-Adapter ----------------------------------------------------------------------------------------
+def loop_tip_logits(features, text, keys, labels, alpha, beta, classes, scale=100.0):
+    """Tip-Adapter's logits written out one sample, class and cache entry at a time."""
+    rows = []
+    for f in features.double():
+        f = f / f.norm()
+        row = []
+        for c in range(classes):
+            w = text[c].double()
+            value = scale * float(f @ w)
+            for key, label in zip(keys.double(), labels.tolist()):
+                if label == c:
+                    value += alpha * math.exp(-beta * (1 - float(f @ key)))
+            row.append(value)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_tip_logits_match_a_straightforward_implementation(tiny_backbone):
+    method = TipAdapter(tiny_backbone, CLASSES, TEMPLATES, init_alpha=1.7, init_beta=5.5)
+    generator = torch.Generator().manual_seed(0)
+    dim = tiny_backbone.embed_dim
+    keys = F.normalize(torch.randn(7, dim, generator=generator), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    method.set_cache(keys, labels)
+    features = torch.randn(5, dim, generator=generator) * 3  # not normalised: the method must normalise
+    expected = loop_tip_logits(features, method.classifier(), keys, labels, 1.7, 5.5, len(CLASSES))
+    torch.testing.assert_close(method(features).double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def reference_search(text_logits, affinity, values, labels, alphas, betas):
+    """The reference's loop: beta outer, alpha inner, strict improvement only."""
+    best, chosen = -1.0, None
+    for beta in betas.tolist():
+        for alpha in alphas.tolist():
+            logits = text_logits + alpha * torch.exp(-beta * (1 - affinity)) @ values
+            accuracy = float((logits.argmax(-1) == labels).float().mean())
+            if accuracy > best:
+                best, chosen = accuracy, (alpha, beta)
+    return chosen
+
+
+def test_alpha_beta_search_matches_the_reference_loop():
+    generator = torch.Generator().manual_seed(3)
+    features = F.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(12, 8, generator=generator), dim=-1)
+    values = F.one_hot(torch.arange(12) % 4, 4).float()
+    text_logits = 100 * features @ F.normalize(torch.randn(4, 8, generator=generator), dim=-1).T
+    labels = torch.randint(0, 4, (40,), generator=generator)
+    alphas, betas = reference_grid(6.0, 7), reference_grid(9.0, 11)
+    affinity = features @ keys.T
+    alpha, beta, correct = search_alpha_beta(text_logits, affinity, values, labels, alphas, betas)
+    assert (alpha, beta) == pytest.approx(reference_search(text_logits, affinity, values, labels, alphas, betas))
+    assert 0 <= correct <= 40
+
+
+def test_reference_grid():
+    grid = reference_grid(7.0, 200)
+    assert len(grid) == 200 and grid[0] == pytest.approx(0.1)
+    assert grid[1] - grid[0] == pytest.approx(6.9 / 200) and grid[-1] < 7.0
+
+
+def test_tip_searches_on_val_only_and_saves_its_cache(tiny_backbone, task, store, tmp_path):
+    method = TipAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha_max=4.0, beta_max=6.0, cache_views=2)
+    datamodule = datamodule_for(method, task, tiny_backbone, store)
+    method.prepare(datamodule)
+    assert set(store.sets_seen) == {"train", "val"}, "the search must never read the test split"
+    assert method.cache_keys.shape == (len(task.train), tiny_backbone.embed_dim)
+    # The chosen pair is the reference search's pick on the val features.
+    val = datamodule.feature_set("val")
+    features = F.normalize(val.features, dim=-1)
+    expected = reference_search(100 * features @ method.classifier().T, features @ method.cache_keys.T,
+                                F.one_hot(method.cache_labels, 3).float(), val.labels,
+                                reference_grid(4.0, 20), reference_grid(6.0, 200))
+    assert (float(method.alpha), float(method.beta)) == pytest.approx(expected)
+    assert method.run_notes()["searched_on"] == "val"
+
+    method.save_learned(tmp_path / "tip.safetensors")
+    reloaded = TipAdapter(tiny_backbone, CLASSES, TEMPLATES)
+    reloaded.load_learned(tmp_path / "tip.safetensors")
+    probe = torch.randn(4, tiny_backbone.embed_dim)
+    torch.testing.assert_close(reloaded(probe), method(probe))
+    with pytest.raises(PromptbenchError, match="cannot be evaluated on another class set"):
+        reloaded.set_classes(["cat", "dog"], TEMPLATES)
+
+
+def test_tip_without_cache_and_bad_options_are_clear_errors(tiny_backbone):
+    with pytest.raises(PromptbenchError, match="no cache yet"):
+        TipAdapter(tiny_backbone, CLASSES, TEMPLATES)(torch.randn(2, tiny_backbone.embed_dim))
+    with pytest.raises(PromptbenchError, match="alpha_max must be > 0.1"):
+        TipAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha_max=0.05)
+    with pytest.raises(PromptbenchError, match="scale"):
+        TipAdapter(tiny_backbone, CLASSES, TEMPLATES, cache_scale=(0.5, 2.0))
+
+
+def test_dataset_configs_agree_with_the_published_tip_table():
+    fields = {field.name for field in dataclasses.fields(TipSettings)}
+    for path in sorted((REPO / "conf" / "dataset").glob("*.yaml")):
+        config = OmegaConf.to_container(OmegaConf.load(path))
+        given = (config.get("hparams") or {}).get("tip_adapter")
+        if given is None:
+            assert config["name"] not in PUBLISHED_SETTINGS, f"{path.name}: add the published hparams.tip_adapter"
+            continue
+        assert set(given) <= fields, f"{path.name}: unknown tip_adapter settings {set(given) - fields}"
+        if config["name"] in PUBLISHED_SETTINGS:
+            assert TipSettings(**given) == PUBLISHED_SETTINGS[config["name"]], path.name
+
+
+# ---- Tip-Adapter-F ---------------------------------------------------------------------------------------
+def test_tip_f_trains_only_the_keys_and_selects_on_val(tiny_backbone, task, store):
+    method = TipAdapterF(tiny_backbone, CLASSES, TEMPLATES, max_epochs=6, lr=0.01, cache_views=2, train_views=1,
+                         beta_max=6.0, beta_steps=20)
+    datamodule = datamodule_for(method, task, tiny_backbone, store)
+    backbone_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    history = fit(method, datamodule)
+    assert set(store.sets_seen) == {"train", "val"}, "the epoch and alpha/beta must be chosen without the test split"
+    assert len(history.losses) == 6 and history.losses[-1] < history.losses[0]
+    initial_keys = F.normalize(datamodule.feature_set("train", datamodule.augmentation((0.5, 1.0)), views=2).features,
+                               dim=-1)
+    assert not torch.allclose(method.cache_keys, initial_keys), "the keys should have been trained"
+    trainable = [name for name, p in method.named_parameters() if p.requires_grad]
+    assert trainable == ["cache_keys"]
+    for name, value in method.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[name]), name
+    notes = method.run_notes()
+    assert notes["paper_parity"] is False and notes["epoch_selected_on"] == "val" and 0 <= notes["best_epoch"] < 6
+
+
+def test_tip_f_paper_parity_reads_the_test_split(tiny_backbone, task, store):
+    method = TipAdapterF(tiny_backbone, CLASSES, TEMPLATES, max_epochs=2, cache_views=2, paper_parity=True,
+                         beta_steps=10)
+    datamodule = datamodule_for(method, task, tiny_backbone, store)
+    fit(method, datamodule)
+    assert "test" in store.sets_seen
+    notes = method.run_notes()
+    assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
+    assert notes["epoch_selected_on"] == "test" and "optimistic" in notes["warning"]
+
+
+# ---- CLIP-Adapter ----------------------------------------------------------------------------------------
+def test_clip_adapter_residual_math(tiny_backbone):
+    adapter = ResidualAdapter(8, reduction=4, ratio=0.2)
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    adapter.mlp[0].weight.data, adapter.mlp[2].weight.data = down.clone(), up.clone()
+    x = torch.randn(5, 8)
+    hidden = torch.clamp(x @ down.T, min=0)
+    expected = 0.2 * torch.clamp(hidden @ up.T, min=0) + 0.8 * x
+    torch.testing.assert_close(adapter(x), expected)
+    assert all(layer.bias is None for layer in (adapter.mlp[0], adapter.mlp[2]))
+
+    method = CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, ratio=0.3, reduction=2)
+    features = torch.randn(3, tiny_backbone.embed_dim)
+    adapted = method.adapter(features)
+    classifier = text_classifier(tiny_backbone, CLASSES, TEMPLATES)
+    expected_logits = tiny_backbone.logit_scale * F.normalize(adapted, dim=-1) @ classifier.T
+    torch.testing.assert_close(method(features), expected_logits)
+    assert method.adapter.mlp[0].out_features == tiny_backbone.embed_dim // 2
+    # The classifier is text: new class names just re-encode.
+    method.set_classes(["cat", "dog"], TEMPLATES)
+    assert method(features).shape == (3, 2)
+
+
+def test_clip_adapter_trains_only_the_adapter(tiny_backbone, task, store):
+    method = CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, max_epochs=5, train_views=1, lr=0.05, warmup_epochs=0,
+                         batch_size=32)
+    datamodule = datamodule_for(method, task, tiny_backbone, store)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    history = fit(method, datamodule)
+    assert history.losses[-1] < history.losses[0]
+    changed = {k for k, v in method.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("adapter.") for k in changed)
+    assert set(store.sets_seen) == {"train"}
+
+
+def test_clip_adapter_options_are_checked(tiny_backbone):
+    with pytest.raises(PromptbenchError, match="reduction"):
+        CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, reduction=0)
+    with pytest.raises(PromptbenchError, match="does not take option"):
+        CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha=1.0)
+
+
+# ---- linear probe ----------------------------------------------------------------------------------------
+def test_c_search_converges_to_the_peak():
+    calls = []
+
+    def accuracy(c):
+        calls.append(c)
+        return -abs(math.log10(c) - 2.3)
+
+    best = search_c(accuracy, [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6], rounds=8)
+    assert abs(math.log10(best) - 2.3) < 0.02
+    assert len(calls) == 7 + 2 * 8
+
+
+def clusters(dim, per_class, generator, classes=3, noise=0.3):
+    centres = torch.eye(classes, dim) * 2
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = centres[labels] + noise * torch.randn(len(labels), dim, generator=generator)
+    return FeatureSet(features, labels, torch.arange(len(labels)))
+
+
+@pytest.mark.parametrize("classes", [3, 2])
+def test_linear_probe_picks_a_sensible_c_on_separable_features(tiny_backbone, classes):
+    generator = torch.Generator().manual_seed(0)
+    dim = tiny_backbone.embed_dim
+    sets = {name: clusters(dim, n, generator, classes) for name, n in (("train", 5), ("val", 4), ("test", 40))}
+    seen = []
+
+    def feature_set(name, *args, **kwargs):
+        seen.append(name)
+        return sets[name]
+
+    method = LinearProbe(tiny_backbone, CLASSES[:classes], TEMPLATES, search_rounds=3)
+    method.prepare(SimpleNamespace(feature_set=feature_set))
+    assert sorted(set(seen)) == ["train", "val"]
+    # Strong regularisation (C=1e-6) flattens the classifier to chance: the search must not pick it.
+    assert method.run_notes()["val_top1"] == 100.0 and float(method.c) >= 1e-2
+    test = sets["test"]
+    accuracy = (method(test.features).argmax(-1) == test.labels).float().mean()
+    assert accuracy > 0.9
+    with pytest.raises(PromptbenchError, match="cannot be evaluated on another class set"):
+        method.set_classes(["cat", "dog", "cow", "pig"], TEMPLATES)
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+METHODS = ("tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe")
+
+
+def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, tmp_path):
+    result = run_py(["-m", f"method={','.join(METHODS)}", "backbone=tiny", "dataset=folder",
+                     f"dataset.root={toy_root}", "shots=2", "logger=none", "num_workers=0", "++method.max_epochs=2"],
+                    run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = {r["method"]: r for r in find_results(tmp_path / "outputs")}
+    assert sorted(results) == sorted(METHODS)
+    for name, payload in results.items():
+        assert payload["status"] == "completed" and 0 <= payload["metrics"]["test"]["top1"] <= 100, name
+        assert payload["metrics"]["test"]["n"] == 18
+    # The sweep runs in this order: Tip-Adapter-F finds every feature it needs in Tip-Adapter's cache.
+    assert results["tip_adapter_f"]["feature_cache"]["extractions"] == 0
+    assert results["tip_adapter_f"]["method_notes"]["paper_parity"] is False
+    assert results["linear_probe"]["method_notes"]["C"] > 0
+
+
+def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
+    result = run_py(["method=tip_adapter_f", "method.paper_parity=true", "method.max_epochs=1", "method.cache_views=1",
+                     "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2", "logger=none",
+                     "num_workers=0"], run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [payload] = find_results(tmp_path / "outputs")
+    notes = payload["method_notes"]
+    assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True

@@ -1,0 +1,20 @@
+"""`make bench` in smoke mode: every section runs, writes its files, and compares at equal logits."""
+
+from __future__ import annotations
+
+import json
+
+from promptbench.bench import main
+
+
+def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
+    main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    sections = {row["section"] for row in payload["rows"]}
+    assert sections == {"coop_step", "cocoop_step", "extraction"}
+    for row in payload["rows"]:
+        if "max_logit_diff" in row:
+            assert row["max_logit_diff"] < 1e-3, row
+    coop = next(row for row in payload["rows"] if row["section"] == "coop_step")
+    assert coop["prompt_tokens"] < coop["context_length"]
+    assert "SMOKE MODE" in (tmp_path / "benchmarks_smoke.md").read_text()

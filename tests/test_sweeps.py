@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import find_results, run_py
+from conftest import REPO, find_results, run_py
 from slurm_cluster import SlurmCluster
 
 SWEEP = ["backbone=tiny", "dataset=folder", "method=zeroshot", "shots=2", "logger=none", "num_workers=0"]
@@ -103,3 +106,27 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(toy_root, run_
     for key in learned[0]:
         torch.testing.assert_close(learned[0][key], learned[1][key], rtol=0, atol=1e-6)
     assert not checkpoint.exists(), "a completed run keeps no checkpoints"
+
+
+@pytest.mark.slurm
+def test_slurm_job_killed_mid_run_resumes_when_the_sweep_is_resubmitted(slurm, toy_root, run_env, tmp_path):
+    run_env.update(slurm.env)
+    sweep = ["-m", "hydra/launcher=slurm", *COOP, "method.max_epochs=150", f"dataset.root={toy_root}", "seed=1,2",
+             "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+             "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
+    first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *sweep], cwd=REPO, env=run_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    outputs = tmp_path / "outputs"
+    deadline = time.time() + 240
+    while not list(outputs.rglob("checkpoints/last.ckpt")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    interrupted = {path.parents[1] for path in outputs.rglob("checkpoints/last.ckpt")}
+    assert interrupted, "no job reached an epoch checkpoint before finishing or timing out"
+    slurm.run("scancel", "--full", "-u", "root")
+    first.wait(timeout=120)
+
+    second = run_py(sweep, run_env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = {Path(r["_dir"]): r for r in find_results(outputs)}
+    assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
+    assert any(results[run_dir]["resumed_from_checkpoint"] for run_dir in interrupted)

@@ -22,20 +22,23 @@ def cmd_pretrain_mini(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from promptbench.backbones.backbone import BUNDLED_DIR
-    from promptbench.pretrain import MINI_MODEL, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
+    from promptbench.io import write_json_atomic
+    from promptbench.pretrain import CARD_JSON, MINI_MODEL, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
 
+    out = Path(args.out)
     config = PretrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, workers=args.workers, threads=args.threads, device=args.device)
     weights = pretrain(config)
-    accuracies = zero_shot_accuracies(weights, Path(args.out) / "data", device=args.device)
-    trained = json.loads((Path(args.out) / "pretrain_config.json").read_text())
-    write_model_card(Path(args.out) / "MODEL_CARD.md", trained, accuracies, weights)
+    accuracies = zero_shot_accuracies(weights, out / "data", device=args.device)
+    trained = json.loads((out / "pretrain_config.json").read_text())
+    write_json_atomic(out / CARD_JSON, {"pretrain": trained, "zero_shot_top1": accuracies})
+    write_model_card(out / "MODEL_CARD.md", trained, accuracies, weights)
     print(json.dumps(accuracies, indent=2))
     if args.install:
         BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(weights, BUNDLED_DIR / f"{MINI_MODEL}.safetensors")
-        shutil.copy2(Path(args.out) / "MODEL_CARD.md", BUNDLED_DIR / "MODEL_CARD.md")
-        print(f"installed into {BUNDLED_DIR}")
+        for name in (weights.name, CARD_JSON, "MODEL_CARD.md"):
+            shutil.copy2(out / name, BUNDLED_DIR / name)
+        print(f"installed {MINI_MODEL} into {BUNDLED_DIR}")
 
 
 def cmd_interpret(args: argparse.Namespace) -> None:

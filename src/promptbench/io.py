@@ -24,10 +24,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-    os.chmod(tmp_path, 0o666 & ~_current_umask())
     try:
         yield tmp_path
+        # mkstemp (and writers that replace the file) leave 0600: give it what a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -33,6 +33,8 @@ from promptbench.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 MINI_MODEL = "promptbench-mini"
+# Machine-readable model card: the training config and the zero-shot accuracies the tests hold it to.
+CARD_JSON = f"{MINI_MODEL}.card.json"
 
 
 @dataclass
@@ -209,6 +211,7 @@ def write_model_card(path: Path, config: dict, accuracies: dict[str, float], wei
         f"| {task} | {len(TASKS[task].classnames)} | {100 / len(TASKS[task].classnames):.1f} | {accuracies[task]:.2f} |"
         for task in accuracies
     )
+    history = f"\n- This file's run: {config['history']}." if config.get("history") else ""
     text = f"""# promptbench-mini: a CLIP pretrained on promptbench's synthetic world
 
 A small CLIP that ships inside promptbench so every method means something offline, on a laptop CPU.
@@ -228,7 +231,7 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
 - Objective: symmetric InfoNCE, learnable temperature (clamped at 100). AdamW lr {config['lr']}, weight decay
   {config['weight_decay']}, {config['warmup_steps']} warm-up steps then cosine, batch {config['batch_size']},
   {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), bf16 autocast.
-- Cost: {config.get('train_minutes', '?')} minutes on {config['device']} ({config['threads']} threads).
+- Cost: {config.get('train_minutes', '?')} minutes on {config['device']} ({config['threads']} threads).{history}
 - Reproduce: `promptbench pretrain-mini --steps {config['steps']} --seed {config['seed']} --install`.
 
 ## Zero-shot accuracy (test split, first hand-crafted template, world seed 0)

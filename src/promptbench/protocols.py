@@ -146,7 +146,7 @@ class CrossDataset(Protocol):
     def build(self, dataset: Dataset, shots: int) -> Task:
         # Sample first, so the source's few-shot set is the one the reference draws right after seeding.
         train, val = self.fewshot(dataset, shots)
-        evals = {dataset.name: dataset["test"]}
+        evals = {dataset.display_name: dataset["test"]}
         task = Task(source=dataset.display_name, train=train, val=val, evals=evals)
         for target in self.targets:
             if target in evals:
@@ -155,7 +155,7 @@ class CrossDataset(Protocol):
         return task
 
     def add_target(self, task: Task, source: Dataset, target: Dataset) -> None:
-        task.evals[target.name] = target["test"]
+        task.evals[target.display_name] = target["test"]
 
 
 class DomainGeneralization(CrossDataset):

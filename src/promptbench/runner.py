@@ -217,6 +217,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         device=trainer.strategy.root_device, feature_store=feature_store, precision=str(cfg.precision),
         batch_size=method.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
         skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed, train_views=method.train_views,
+        train_crop_scale=cfg.train_crop_scale,
     )
 
     status = "failed"

@@ -13,7 +13,7 @@ from promptbench.data.features import (
     AugmentedViews, FeatureSet, FeatureStore, FeatureViews, SeededViewDataset, extract_features, files_digest, view_seed,
 )
 from promptbench.data.loading import collate_skipping_bad, image_loader
-from promptbench.data.transforms import test_transform, train_transform
+from promptbench.data.transforms import DEFAULT_CROP_SCALE, test_transform, train_transform
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import InputKind
 from promptbench.protocols import Task
@@ -65,6 +65,7 @@ class FewShotDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         seed: int = 0,
         train_views: AugmentedViews | None = None,
+        train_crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
     ):
         super().__init__()
         self.task = task
@@ -83,7 +84,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.sets = task.sets()
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
         self.test_transform = test_transform(size, mean, std)
-        self.train_transform = train_transform(size, mean, std)
+        self.train_transform = train_transform(size, mean, std, scale=tuple(train_crop_scale))
 
     # ---- features ----------------------------------------------------------------------------------
     def augmentation(self, scale: Sequence[float]) -> Callable:

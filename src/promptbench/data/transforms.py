@@ -7,6 +7,8 @@ from typing import Sequence
 from torchvision import transforms as T
 
 BICUBIC = T.InterpolationMode.BICUBIC
+# CoOp's RandomResizedCrop area range for training images.
+DEFAULT_CROP_SCALE = (0.08, 1.0)
 
 
 def _to_tensor_normalized(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -19,7 +21,7 @@ def test_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.
 
 
 def train_transform(
-    size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.08, 1.0)
+    size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = DEFAULT_CROP_SCALE
 ) -> T.Compose:
     """CoOp's augmentation; Tip-Adapter's cache uses scale=(0.5, 1.0)."""
     return T.Compose(

@@ -46,6 +46,7 @@ class ResidualAdapter(nn.Module):
 class CLIPAdapter(TrainsOnCachedViews, ZeroShotCLIP):
     name = "clip_adapter"
     input_kind = "features"
+    uses_train_data = True
 
     def __init__(
         self,

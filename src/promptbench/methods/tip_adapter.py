@@ -111,6 +111,7 @@ class TipAdapter(ZeroShotCLIP):
     trains = False
     uses_val = True
     transfers_to_new_classes = False
+    uses_train_data = True
     # Tip-Adapter-F trains the keys; Tip-Adapter keeps them as a buffer.
     trainable_keys = False
 

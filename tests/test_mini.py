@@ -1,0 +1,59 @@
+"""The bundled mini CLIP: loads offline, matches its model card, and its pretraining code runs and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from promptbench.backbones import load_backbone
+from promptbench.backbones.backbone import BUNDLED_DIR
+from promptbench.backbones.weights import EMBEDDING_IDS_KEY, EMBEDDING_ROWS_KEY
+from promptbench.pretrain import CARD_JSON, MINI_MODEL, PretrainConfig, pretrain, zero_shot_accuracies
+
+CARD = json.loads((BUNDLED_DIR / CARD_JSON).read_text())
+# Same code, weights and rendered images: only floating-point summation order may differ between machines.
+CARD_TOLERANCE = 1.0
+
+
+def test_bundled_weights_are_small_and_load_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = BUNDLED_DIR / f"{MINI_MODEL}.safetensors"
+    assert path.stat().st_size < 8 * 2**20
+    backbone = load_backbone("mini", MINI_MODEL, "bundled")
+    stored = load_file(str(path))
+    ids = stored[EMBEDDING_IDS_KEY]
+    table = backbone.model.token_embedding.weight
+    torch.testing.assert_close(table[ids], stored[EMBEDDING_ROWS_KEY].float())
+    unused = torch.ones(len(table), dtype=torch.bool)
+    unused[ids] = False
+    assert table[unused].abs().sum() == 0
+    assert backbone.fingerprint.startswith(f"{MINI_MODEL}|sha256:")
+
+
+def test_bundled_model_reaches_its_model_card_zero_shot_accuracy(tmp_path):
+    measured = zero_shot_accuracies(BUNDLED_DIR / f"{MINI_MODEL}.safetensors", tmp_path)
+    assert set(measured) == set(CARD["zero_shot_top1"])
+    for task, accuracy in CARD["zero_shot_top1"].items():
+        assert measured[task] == pytest.approx(accuracy, abs=CARD_TOLERANCE), task
+    assert measured["synth_shapes"] >= 3 * 100 / 13, "zero-shot shape accuracy must be at least 3x chance"
+
+
+def test_pretraining_runs_exports_compactly_and_resumes(tmp_path):
+    config = PretrainConfig(out_dir=str(tmp_path), steps=2, batch_size=8, workers=0, threads=1, warmup_steps=1,
+                            checkpoint_every=1)
+    weights = pretrain(config)
+    stored = load_file(str(weights))
+    assert stored[EMBEDDING_ROWS_KEY].dtype == torch.float16
+    assert 10 < len(stored[EMBEDDING_IDS_KEY]) < 1000, "only the tokens the captions used are exported"
+    log_lines = (tmp_path / "log.csv").read_text().strip().splitlines()
+    assert len(log_lines) == 1 + 2 and all("nan" not in line for line in log_lines)
+
+    resumed = PretrainConfig(**{**config.__dict__, "steps": 3})
+    pretrain(resumed)
+    steps = [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().strip().splitlines()[1:]]
+    assert steps == ["1", "2", "3"], "a resumed run continues from its checkpoint"
+    loaded = load_backbone("mini", MINI_MODEL, str(weights))
+    assert loaded.encode_text(loaded.tokenize(["a red star"])).isfinite().all()

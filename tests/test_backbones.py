@@ -111,3 +111,11 @@ def test_unknown_model_and_tag_are_explained():
         load_backbone("x", "NoSuchNet", "openai")
     with pytest.raises(PromptbenchError, match="neither an existing file nor a known tag"):
         load_backbone("rn50", "RN50-quickgelu", "no-such-tag")
+
+
+def test_hub_id_offline_fails_fast_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(PromptbenchError, match="hf-hub:laion/not-cached.*offline"):
+        load_backbone("laion", "ViT-B-32", "hf-hub:laion/not-cached", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 20

@@ -11,7 +11,10 @@ def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
     main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
     sections = {row["section"] for row in payload["rows"]}
-    assert sections == {"coop_step", "cocoop_step", "extraction"}
+    assert sections == {"coop_step", "cocoop_step", "extraction", "sweep"}
+    cached, uncached = [row for row in payload["rows"] if row["section"] == "sweep"]
+    assert cached["feature_cache"] and cached["runs"] == uncached["runs"] == 2
+    assert cached["image_tower_passes"] == cached["minimum_passes"] < uncached["image_tower_passes"]
     for row in payload["rows"]:
         if "max_logit_diff" in row:
             assert row["max_logit_diff"] < 1e-3, row

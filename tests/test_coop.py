@@ -85,6 +85,11 @@ def mean_loss(method, images, labels) -> float:
         return F.cross_entropy(method(images).float(), labels).item()
 
 
+def accuracy(method, images, labels) -> float:
+    with torch.no_grad():
+        return (method(images).argmax(dim=-1) == labels).float().mean().item()
+
+
 def backbone_snapshot(backbone) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
 
@@ -215,20 +220,21 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_backbone):
         fit(method, random_images(3), torch.tensor([0, 1, 2]))
 
 
-def test_short_training_lowers_the_training_loss(tiny_backbone):
+def test_short_training_lowers_the_loss_and_raises_accuracy(tiny_backbone):
     """The learning check: a few epochs of the default recipe (no warm-up) fit a small learnable task.
 
     The tiny CLIP is random, so the task is one its image features separate (class = image brightness)
-    and the check is on the training loss, not on accuracy.
+    and the check is on the training loss and the training accuracy.
     """
     torch.manual_seed(0)
     labels = torch.arange(12) % 3
     images = 2.0 * (labels.float() - 1).view(-1, 1, 1, 1) + 0.1 * random_images(12, seed=3)
     method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=6, warmup_epochs=0).eval()
-    before = mean_loss(method, images, labels)
+    before, accuracy_before = mean_loss(method, images, labels), accuracy(method, images, labels)
     fit(method, images, labels, epochs=4)
-    after = mean_loss(method.eval(), images, labels)
+    after, accuracy_after = mean_loss(method.eval(), images, labels), accuracy(method, images, labels)
     assert after < 0.8 * before, (before, after)
+    assert accuracy_after > accuracy_before or accuracy_after == 1.0, (accuracy_before, accuracy_after)
 
 
 def test_evaluation_encodes_the_prompts_once(tiny_backbone, monkeypatch):

@@ -545,3 +545,16 @@ def test_data_check_on_a_missing_dataset_says_how_to_get_it(tmp_path, capsys, mo
     assert cli_main(["data", "check", "ucf101"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "ucf101") in err and "UCF-101-midframes" in err and "crcv.ucf.edu" in err
+
+
+# ---- promptbench data splits ---------------------------------------------------------------------------------
+def test_data_splits_writes_the_split_a_run_trains_on(data_root, tmp_path, capsys):
+    root = make_benchmark("eurosat", data_root)
+    assert cli_main(["data", "splits", "eurosat", "--root", str(root), "--shots", "1", "--seed", "2", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert (root / "split_fewshot" / "shot_1-seed_2.json").is_file() and printed.startswith("train: ")
+    listed = [Path(line.split("\t")[2]).relative_to(root) for line in printed.splitlines() if line.startswith("  ")]
+
+    fresh = make_benchmark("eurosat", tmp_path / "fresh")  # same files, no split file or cache yet
+    train, val = open_seeded(EuroSAT, fresh, seed=2).fewshot_splits(1, 2)
+    assert listed == [Path(item.path).relative_to(fresh) for item in [*train, *val]]

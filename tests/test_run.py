@@ -23,7 +23,8 @@ def corrupted_root(toy_root, tmp_path) -> Path:
 
 
 def test_zeroshot_writes_consistent_results_and_predictions(toy_root, run_env, tmp_path):
-    result = run_py([*BASE, f"dataset.root={toy_root}", "logger=csv", "save_predictions=true"], run_env)
+    """Also the tensorboard logger: its event file lands in the run dir next to results.json."""
+    result = run_py([*BASE, f"dataset.root={toy_root}", "logger=tensorboard", "save_predictions=true"], run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = find_results(tmp_path / "outputs")
     run_dir = Path(results["_dir"])
@@ -42,7 +43,7 @@ def test_zeroshot_writes_consistent_results_and_predictions(toy_root, run_env, t
         assert results["metrics"]["test"][key] == pytest.approx(recomputed[key])
     labels_from_paths = [predictions["classnames"].index(Path(p).parent.name) for p in predictions["paths"]]
     assert labels_from_paths == predictions["labels"].tolist()
-    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no tensorboard event file"
     assert "top1" in result.stdout and "results:" in result.stdout
 
 
@@ -62,9 +63,10 @@ def test_corrupt_image_fails_with_its_path(corrupted_root, run_env):
 
 
 def test_skip_bad_images_skips_and_counts(corrupted_root, run_env, tmp_path):
-    result = run_py([*BASE, f"dataset.root={corrupted_root}", "logger=none", "dataset.skip_bad_images=true"], run_env)
+    result = run_py([*BASE, f"dataset.root={corrupted_root}", "logger=csv", "dataset.skip_bad_images=true"], run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = find_results(tmp_path / "outputs")
+    assert "test/skipped_images" in (Path(results["_dir"]) / "csv" / "metrics.csv").read_text()
     assert results["metrics"]["test"]["skipped_images"] == 1 and results["metrics"]["test"]["n"] == 17
 
 

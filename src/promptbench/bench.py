@@ -7,6 +7,9 @@ Sections (each writes rows to experiments/benchmarks.json and a Markdown table t
 2. CoCoOp step, batched (one text pass over B x n_cls prompts) vs the per-image loop, batch 32.
 3. Image feature extraction (decode + transform + model, through the DataLoader) vs the bare model
    forward on pre-decoded tensors: how close the pipeline gets to the model's own limit.
+4. A sweep of the feature methods x shots x seeds on the mini world through `run.py -m`, with and without
+   the feature cache: wall time and image-tower passes (extractions) against the minimum, one pass per
+   distinct image set and transform (= the cache entries the sweep creates).
 `--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU.
 """
 
@@ -189,6 +192,7 @@ def bench_extraction(backbone: Backbone, device: torch.device, images: int, work
     from PIL import Image
 
     from promptbench.data.features import extract_features
+    from promptbench.data.images import load_rgb
     from promptbench.data.items import Item
     from promptbench.data.transforms import test_transform
 
@@ -198,10 +202,15 @@ def bench_extraction(backbone: Backbone, device: torch.device, images: int, work
         generator = torch.Generator().manual_seed(0)
         items = []
         for index in range(images):
-            pixels = (torch.rand(int(size * 1.15), int(size * 1.3), 3, generator=generator) * 255).to(torch.uint8)
+            # ImageNet-typical 500x375 JPEGs (noise: a pessimistic decode cost) resized to the model input.
+            pixels = (torch.rand(375, 500, 3, generator=generator) * 255).to(torch.uint8)
             path = Path(folder) / f"{index}.jpg"
             Image.fromarray(pixels.numpy()).save(path, quality=90)
             items.append(Item(str(path), index % 10, str(index % 10)))
+        start = time.perf_counter()
+        for item in items:
+            transform(load_rgb(item.path))
+        decode_rate = len(items) / (time.perf_counter() - start)  # one process: images/s per core
         extract_features(backbone, items[: min(64, images)], transform, device=device, num_workers=0)  # warm-up
         start = time.perf_counter()
         extract_features(backbone, items, transform, device=device, batch_size=128, num_workers=workers)
@@ -211,8 +220,40 @@ def bench_extraction(backbone: Backbone, device: torch.device, images: int, work
             model_s, _ = timed(lambda: backbone.encode_image(batch), device, repeats=3, warmup=1)
     pipeline_rate, model_rate = images / pipeline_s, 128 / model_s
     return [{"section": "extraction", "backbone": backbone.name, "images": images, "workers": workers,
-             "pipeline_images_per_s": pipeline_rate, "model_images_per_s": model_rate,
+             "decode_transform_images_per_s_per_core": decode_rate, "pipeline_images_per_s": pipeline_rate, "model_images_per_s": model_rate,
              "fraction_of_model_limit": pipeline_rate / model_rate}]
+
+
+def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds: list[int], device: torch.device,
+                workdir: Path) -> list[dict]:
+    import subprocess
+    import sys
+
+    from promptbench.report import load_results
+
+    rows = []
+    for cache in (True, False):
+        tag = f"sweep_cache_{'on' if cache else 'off'}"
+        command = [sys.executable, str(EXPERIMENTS.parent / "run.py"), "-m", f"backbone={backbone_name}",
+                   "dataset=synthetic_shapes", f"method={','.join(methods)}", f"shots={','.join(map(str, shots))}",
+                   f"seed={','.join(map(str, seeds))}", f"feature_cache={str(cache).lower()}", "logger=none",
+                   f"tag={tag}", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}"]
+        env = dict(os.environ, PROMPTBENCH_OUTPUT=str(workdir / "outputs"), PROMPTBENCH_CACHE=str(workdir / "cache"),
+                   PROMPTBENCH_DATA=str(workdir / "data"))
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        results = load_results([workdir / "outputs" / tag])
+        extractions = sum(r["feature_cache"]["extractions"] for r in results)
+        distinct = len(list((workdir / "cache" / "features").glob("*.safetensors"))) if cache else None
+        rows.append({"section": "sweep", "backbone": backbone_name, "feature_cache": cache, "runs": len(results),
+                     "wall_s": wall, "image_tower_passes": extractions,
+                     "cache_hits": sum(r["feature_cache"]["hits"] for r in results),
+                     "minimum_passes": distinct if cache else "-"})
+    minimum = rows[0]["minimum_passes"]
+    for row in rows:
+        row["passes_over_minimum"] = row["image_tower_passes"] / minimum
+    return rows
 
 
 # ---- output ---------------------------------------------------------------------------------------------
@@ -237,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="mini", help="tiny | mini | an open_clip model name (random weights)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes for CI; no meaningful timings")
     parser.add_argument("--out", default=str(EXPERIMENTS), help="folder for benchmarks.md / benchmarks.json")
+    parser.add_argument("--sweep-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
@@ -247,10 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_coop(backbone, device, classes, repeats)
     rows += bench_cocoop(backbone, device, [4] if args.smoke else [10, 100], repeats)
     rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.smoke:
+            rows += bench_sweep(args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
+        else:
+            rows += bench_sweep(args.backbone, ["zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_adapter"],
+                                args.sweep_shots, args.sweep_seeds, device, Path(workdir))
     meta = {"date": time.strftime("%Y-%m-%d"), "device": device_info(device), "versions": package_versions(),
             "smoke": args.smoke, "backbone": backbone.describe(), "host": platform.node()}
     out = Path(args.out)
-    stem = "benchmarks_smoke" if args.smoke else "benchmarks"
+    stem = "benchmarks_smoke" if args.smoke else "benchmarks" if args.backbone == "mini" else f"benchmarks_{args.backbone}"
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
     with atomic_path(out / f"{stem}.md") as tmp:
         tmp.write_text(markdown(rows, meta))

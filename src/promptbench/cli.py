@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from promptbench.errors import PromptbenchError
@@ -137,6 +138,29 @@ def cmd_data_check(args: argparse.Namespace) -> None:
     print("ok")
 
 
+def cmd_data_splits(args: argparse.Namespace) -> None:
+    import random
+    from collections import Counter
+    from pathlib import Path
+
+    from promptbench.data.datasets import DATASETS, open_dataset
+
+    if args.dataset not in DATASETS:
+        raise PromptbenchError(f"unknown dataset '{args.dataset}'; registered datasets: {sorted(DATASETS)}")
+    # Seeded exactly as a run seeds itself before building its data, so this prints the split that run trains on.
+    random.seed(args.seed)
+    dataset = (DATASETS[args.dataset](Path(args.root)) if args.root
+               else open_dataset(args.dataset, os.environ.get("PROMPTBENCH_DATA", "data")))
+    train, val = dataset.fewshot_splits(args.shots, args.seed)
+    for split, items in (("train", train), ("val", val)):
+        per_class = Counter(item.label for item in items)
+        print(f"{split}: {len(items)} images, {len(per_class)} classes, "
+              f"{min(per_class.values(), default=0)}-{max(per_class.values(), default=0)} per class")
+        if args.list:
+            for item in items:
+                print(f"  {item.label}\t{item.classname}\t{item.path}")
+
+
 def add_data_parser(commands) -> None:
     data = commands.add_parser("data", help="inspect the benchmark datasets on disk")
     actions = data.add_subparsers(dest="data_command", required=True)
@@ -144,6 +168,13 @@ def add_data_parser(commands) -> None:
     check.add_argument("dataset", help="registry name, e.g. dtd, imagenet, oxford_pets (see conf/dataset/)")
     check.add_argument("--root", help="the dataset folder (default: $PROMPTBENCH_DATA/<its folder> or ./data/<its folder>)")
     check.set_defaults(handler=cmd_data_check)
+    splits = actions.add_parser("splits", help="write (or re-use) and print the few-shot split of (K, seed)")
+    splits.add_argument("dataset", help="registry name, e.g. dtd, imagenet, synthetic_shapes")
+    splits.add_argument("--shots", type=int, required=True)
+    splits.add_argument("--seed", type=int, required=True)
+    splits.add_argument("--root", help="the dataset folder (default: its folder under $PROMPTBENCH_DATA or ./data)")
+    splits.add_argument("--list", action="store_true", help="print every item (label, class name, path)")
+    splits.set_defaults(handler=cmd_data_splits)
 
 
 def build_parser() -> argparse.ArgumentParser:

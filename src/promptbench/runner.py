@@ -40,6 +40,8 @@ from promptbench.results import (
 
 log = logging.getLogger(__name__)
 LEARNED_FILE = "learned.safetensors"
+# The reference CoOp runs the whole CLIP in half precision; Lightning calls that "16-true".
+PRECISION_ALIASES = {"fp16-pure": "16-true"}
 PREDICTIONS_FILE = "predictions.pt"
 
 
@@ -201,10 +203,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                   cfg.get("time_budget_min"))
     if cfg.get("overwrite"):
         resumable.discard()
+    precision = PRECISION_ALIASES.get(str(cfg.precision), str(cfg.precision))
     trainer: L.Trainer = build(
         cfg.trainer,
         default_root_dir=str(run_dir),
-        precision=cfg.precision,
+        precision=precision,
         logger=loggers or False,
         max_epochs=max(method.max_epochs, 1),
         callbacks=[resumable] if method.trains else [],
@@ -214,7 +217,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
     datamodule = FewShotDataModule(
         task, backbone, method.input_kind,
-        device=trainer.strategy.root_device, feature_store=feature_store, precision=str(cfg.precision),
+        device=trainer.strategy.root_device, feature_store=feature_store, precision=precision,
         batch_size=method.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
         skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed, train_views=method.train_views,
         train_crop_scale=cfg.train_crop_scale,

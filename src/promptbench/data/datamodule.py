@@ -27,15 +27,12 @@ class ViewPerEpochSampler(Sampler[int]):
     Lightning calls `set_epoch` at the start of every training epoch.
     """
 
-    def __init__(self, items: int, views: int, seed: int, on_epoch: Callable[[int], None] | None = None):
+    def __init__(self, items: int, views: int, seed: int):
         self.items, self.views, self.seed = items, views, seed
-        self.on_epoch = on_epoch
-        self.set_epoch(0)
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.on_epoch is not None:
-            self.on_epoch(epoch)
 
     def view(self) -> int:
         return self.epoch % self.views
@@ -47,6 +44,33 @@ class ViewPerEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.items
+
+
+class EpochKeyedSampler(ViewPerEpochSampler):
+    """Yields `epoch * items + i`: the epoch travels with each index, so persistent workers (which keep their
+    own copy of the dataset) still apply that epoch's augmentation."""
+
+    def __init__(self, items: int, seed: int):
+        super().__init__(items, views=1, seed=seed)
+
+    def __iter__(self) -> Iterator[int]:
+        return (index + self.epoch * self.items for index in super().__iter__())
+
+
+class EpochAugmentedImages(torch.utils.data.Dataset):
+    """Key `epoch * n + i` is image i under epoch `epoch`'s seeded random augmentation."""
+
+    def __init__(self, items: Sequence, transform: Callable, skip_bad_images: bool, seed: int):
+        self.images = SeededViewDataset(items, transform, skip_bad_images, augment_seed=view_seed(seed, 0))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, len(self.images))
+        self.images.augment_seed = view_seed(self.seed, epoch)
+        return self.images[index]
 
 
 class FewShotDataModule(L.LightningDataModule):
@@ -147,11 +171,9 @@ class FewShotDataModule(L.LightningDataModule):
         """Shuffle order and augmentations depend only on (seed, epoch, image), never on earlier epochs, so a
         run resumed from an epoch checkpoint sees exactly the batches an uninterrupted run would."""
         items = self.sets["train"].items
-        dataset = SeededViewDataset(items, self.train_transform, self.skip_bad_images, view_seed(self.seed, 0))
-        sampler = ViewPerEpochSampler(
-            len(items), 1, self.seed, on_epoch=lambda epoch: setattr(dataset, "augment_seed", view_seed(self.seed, epoch))
-        )
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+        dataset = EpochAugmentedImages(items, self.train_transform, self.skip_bad_images, self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=EpochKeyedSampler(len(items), self.seed),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=collate_skipping_bad, pin_memory=torch.cuda.is_available())
 
     def _augmented_feature_loader(self, views: AugmentedViews) -> DataLoader:

@@ -327,3 +327,29 @@ def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
     [payload] = find_results(tmp_path / "outputs")
     notes = payload["method_notes"]
     assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
+
+
+@pytest.mark.parametrize("method_class,options", [
+    (TipAdapter, {}), (TipAdapterF, {"max_epochs": 5}), (CLIPAdapter, {"max_epochs": 5}), (LinearProbe, {}),
+], ids=["tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe"])
+def test_each_method_beats_chance_on_a_small_learnable_task(method_class, options, tmp_path_factory):
+    """The mini world's texture task with the bundled mini CLIP: 9 classes, 4 shots per class."""
+    import random
+
+    from promptbench.backbones import load_backbone
+    from promptbench.data.datasets import SyntheticDataset
+
+    dataset = SyntheticDataset(tmp_path_factory.getbasetemp() / "synthetic", task="synth_textures")
+    random.seed(1)
+    few = FewShot().build(dataset, 4)
+    backbone = load_backbone("mini", "promptbench-mini", "bundled")
+    method = method_class(backbone, few.train.classnames, few.train.templates, **options)
+    datamodule = datamodule_for(method, few, backbone, RecordingStore(tmp_path_factory.mktemp("features")))
+    if method.trains:
+        fit(method, datamodule)
+    else:
+        method.prepare(datamodule)
+    test = datamodule.feature_set("test")
+    with torch.no_grad():
+        accuracy = (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
+    assert accuracy > 2 / len(few.train.classnames), accuracy

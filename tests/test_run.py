@@ -54,6 +54,9 @@ def test_wandb_logs_an_offline_run_without_an_account(toy_root, run_env, tmp_pat
     [results] = find_results(tmp_path / "outputs")
     offline_runs = list(Path(results["_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
     assert offline_runs, "no offline wandb run written"
+    record = offline_runs[0].read_bytes()  # protobuf records keep strings verbatim
+    for expected in (b"default-fewshot-folder-zeroshot-tiny", b"method:zeroshot", b"seed:1", b"shots:2", b"test/top1"):
+        assert expected in record, expected
 
 
 def test_corrupt_image_fails_with_its_path(corrupted_root, run_env):

@@ -134,3 +134,28 @@ def test_slurm_job_killed_mid_run_resumes_when_the_sweep_is_resubmitted(slurm, t
     results = {Path(r["_dir"]): r for r in find_results(outputs)}
     assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
     assert any(results[run_dir]["resumed_from_checkpoint"] for run_dir in interrupted)
+
+
+def test_epoch_samplers_shard_by_rank_under_ddp(monkeypatch):
+    from promptbench.data import datamodule
+
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(datamodule, "distributed_rank", lambda rank=rank: (rank, 3))
+        sampler = datamodule.EpochKeyedSampler(10, seed=4)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1]) == 4
+    together = [index for shard in shards for index in shard]
+    assert sorted(set(together)) == list(range(20, 30)), "every item of epoch 2, each with the epoch in its key"
+    assert len(together) - len(set(together)) == 2, "padding repeats as few items as DistributedSampler does"
+
+
+def test_ddp_on_cpu_processes_trains_and_writes_results_once(toy_root, run_env, tmp_path):
+    args = [*COOP, f"dataset.root={toy_root}", "method.max_epochs=2", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2"]
+    result = run_py(args, run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results] = find_results(tmp_path / "outputs")
+    assert results["metrics"]["test"]["n"] == 18 and results["config"]["trainer"]["strategy"] == "ddp"
+    assert (Path(results["_dir"]) / "learned.safetensors").is_file()

@@ -236,7 +236,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     resumable.raise_if_interrupted(trainer.current_epoch)
                 else:
                     method.prepare(datamodule)
-            if method.learned_state():
+            if method.learned_state() and trainer.is_global_zero:
                 method.save_learned(run_dir / LEARNED_FILE)
         metrics, predictions = evaluate(trainer, method, datamodule, task, timer)
         for logger in loggers:
@@ -244,6 +244,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         status = "success"
     finally:
         close_loggers(loggers, status)
+
+    if not trainer.is_global_zero:
+        return {"status": "completed", "rank": trainer.global_rank}  # rank 0 writes the run's files
 
     if cfg.save_predictions:
         with atomic_path(run_dir / PREDICTIONS_FILE) as tmp:

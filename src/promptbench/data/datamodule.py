@@ -40,10 +40,25 @@ class ViewPerEpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(view_seed(self.seed, self.epoch))
         order = torch.randperm(self.items, generator=generator)
+        rank, world = distributed_rank()
+        if world > 1:
+            # Every rank draws the same permutation and takes its own slice (padded like DistributedSampler).
+            order = torch.cat([order, order[: len(self) * world - self.items]])[rank::world]
         return iter((order + self.view() * self.items).tolist())
 
     def __len__(self) -> int:
-        return self.items
+        return -(-self.items // distributed_rank()[1])
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed.
+
+    promptbench's samplers shard themselves, so the trainer runs with use_distributed_sampler=false and
+    Lightning never replaces them (its wrapper would hide `set_epoch` from them).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class EpochKeyedSampler(ViewPerEpochSampler):

@@ -18,7 +18,8 @@ from conftest import find_results, run_py
 from promptbench import cli
 from promptbench.backbones import load_backbone
 from promptbench.errors import PromptbenchError
-from promptbench.methods.coop import CoOp, warmup_cosine_factor
+from promptbench.methods.coop import CoOp
+from promptbench.methods.feature_training import warmup_cosine_factor
 from promptbench.methods.prompt_learner import token_order
 
 CLASSNAMES = ["golden_retriever", "cat", "sea lion"]

@@ -6,7 +6,6 @@ guard) is shared with CoCoOp, which subclasses this method.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -15,18 +14,8 @@ import torch.nn.functional as F
 from promptbench.backbones import Backbone
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
+from promptbench.methods.feature_training import cosine_with_warmup
 from promptbench.methods.prompt_learner import PromptLearner
-
-
-def warmup_cosine_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float) -> float:
-    """Learning-rate multiplier of the reference schedule (Dassl's constant warm-up around a cosine).
-
-    The first `warmup_epochs` run at the constant warm-up rate; epoch e after them runs at cosine step
-    e - warmup_epochs of a cosine over all `epochs`, as the reference's wrapped scheduler does.
-    """
-    if epoch < warmup_epochs:
-        return warmup_factor
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 class CoOp(Method):
@@ -128,8 +117,6 @@ class CoOp(Method):
             raise PromptbenchError(f"method '{self.name}' needs a finite number of epochs (max_epochs >= 1), got {epochs}")
         trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
         optimizer = torch.optim.SGD(trainable, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda epoch: warmup_cosine_factor(epoch, epochs, self.warmup_epochs, self.warmup_lr / self.lr),
-        )
+        scheduler = cosine_with_warmup(optimizer, total=epochs, warmup=self.warmup_epochs,
+                                       warmup_factor=self.warmup_lr / self.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,4 +1,5 @@
-"""The recipe shared by methods that train a small head on cached frozen features (CLIP-Adapter, Tip-Adapter-F).
+"""The training recipe shared by methods: the reference learning-rate schedule (CoOp, CoCoOp, CLIP-Adapter,
+Tip-Adapter-F) and cross-entropy training on cached frozen features (CLIP-Adapter, Tip-Adapter-F).
 
 Their train loader yields cached augmented views of the train set (a different view each epoch, see
 `Method.train_views` and data/datamodule.py), so training never runs the image tower. The loss is plain
@@ -36,18 +37,20 @@ def positive(value: float, option: str, method: str) -> float:
     return value
 
 
+def warmup_cosine_factor(step: int, total: int, warmup: int, warmup_factor: float) -> float:
+    """Learning-rate multiplier of the reference schedule (Dassl's constant warm-up around a cosine).
+
+    The first `warmup` steps run at the constant warm-up rate; step t after them runs at cosine step
+    t - warmup of a cosine over all `total` steps, as the reference's wrapped scheduler does. With no
+    warm-up this is torch's CosineAnnealingLR(T_max=total) (Tip-Adapter-F).
+    """
+    if step < warmup:
+        return warmup_factor
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int = 0,
                        warmup_factor: float = 1.0) -> LambdaLR:
-    """Cosine decay over `total` scheduler steps; the first `warmup` steps hold lr * warmup_factor.
-
-    Step t >= warmup uses cos(pi * t / total), as Dassl's constant warm-up followed by its cosine
-    schedule (CoOp, CLIP-Adapter); with warmup 0 it is torch's CosineAnnealingLR(T_max=total) (Tip-Adapter-F).
-    """
+    """The reference schedule over `total` scheduler steps (epochs for CoOp and CLIP-Adapter, steps for Tip-F)."""
     total = max(int(total), 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return warmup_factor
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total, warmup, warmup_factor))

@@ -18,6 +18,7 @@ from conftest import find_results, run_py
 from promptbench import cli
 from promptbench.backbones import load_backbone
 from promptbench.errors import PromptbenchError
+from promptbench.methods.cocoop import CoCoOp
 from promptbench.methods.coop import CoOp
 from promptbench.methods.feature_training import warmup_cosine_factor
 from promptbench.methods.prompt_learner import token_order
@@ -335,3 +336,27 @@ def test_run_trains_saves_and_reevaluates_the_same(toy_root, run_env, tmp_path):
     [again] = [r for r in find_results(tmp_path / "outputs") if "/reload/" in r["_dir"]]
     assert results["metrics"]["test"]["n"] == 18
     assert again["metrics"]["test"] == pytest.approx(results["metrics"]["test"], abs=1e-6)
+
+
+# ---- cached augmented views (opt-in speed-up) ------------------------------------------------------------
+@pytest.mark.parametrize("method_class", [CoOp, CoCoOp])
+def test_cached_views_give_the_same_logits_from_features(tiny_backbone, method_class):
+    online = method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).eval()
+    cached = method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, cached_views=3).eval()
+    cached.load_state_dict(online.state_dict())
+    assert online.input_kind == "images" and cached.input_kind == "features" and cached.train_views.count == 3
+    images = random_images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(tiny_backbone.encode_image(images)), online(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PromptbenchError, match="cached_views must be >= 0"):
+        method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, cached_views=-1)
+
+
+def test_cached_views_run_end_to_end_without_the_image_tower_in_training(toy_root, run_env, tmp_path):
+    result = run_py(["method=coop", "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2",
+                     "logger=none", "num_workers=0", "method.n_ctx=4", "method.max_epochs=3", "method.cached_views=2"],
+                    run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results] = find_results(tmp_path / "outputs")
+    # two cached train views and the test set: the tower never ran inside the 3 training epochs
+    assert results["feature_cache"]["extractions"] == 3 and results["metrics"]["test"]["n"] == 18

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from promptbench.backbones import Backbone
+from promptbench.data.features import AugmentedViews
+from promptbench.data.transforms import DEFAULT_CROP_SCALE
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
 from promptbench.methods.feature_training import cosine_with_warmup
@@ -37,9 +39,17 @@ class CoOp(Method):
         weight_decay: float = 5e-4,
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
+        cached_views: int = 0,
         **config: Any,
     ):
         super().__init__(backbone, classnames, templates, **config)
+        if int(cached_views) < 0:
+            raise PromptbenchError(f"method '{self.name}': cached_views must be >= 0, got {cached_views}")
+        if cached_views:
+            # Opt-in protocol change: epoch e trains on cached augmented view e mod N of every image instead of
+            # a fresh augmentation, so the image tower runs N times per image instead of once per step.
+            self.input_kind = "features"
+            self.train_views = AugmentedViews(int(cached_views), DEFAULT_CROP_SCALE)
         if lr <= 0 or warmup_lr < 0 or warmup_epochs < 0:
             raise PromptbenchError(
                 f"method '{self.name}': need lr > 0, warmup_lr >= 0 and warmup_epochs >= 0 "
@@ -56,8 +66,11 @@ class CoOp(Method):
         self._evaluation_text_features: torch.Tensor | None = None
 
     # ---- classification -----------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.class_logits(self.image_features(images))
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of images, or of their frozen raw features when the method trains on cached views."""
+        if self.input_kind == "features":
+            return self.class_logits(F.normalize(inputs.float(), dim=-1))
+        return self.class_logits(self.image_features(inputs))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised features of the frozen image tower: no graph is kept for it."""

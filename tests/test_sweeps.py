@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -159,3 +160,25 @@ def test_ddp_on_cpu_processes_trains_and_writes_results_once(toy_root, run_env, 
     [results] = find_results(tmp_path / "outputs")
     assert results["metrics"]["test"]["n"] == 18 and results["config"]["trainer"]["strategy"] == "ddp"
     assert (Path(results["_dir"]) / "learned.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_signal_stops_training_at_a_clean_epoch_and_the_rerun_resumes(stop_signal, toy_root, run_env, tmp_path):
+    args = [*(arg for arg in COOP if not arg.startswith("method.max_epochs=")), f"dataset.root={toy_root}",
+            "method.max_epochs=400"]
+    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=run_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "outputs/default/fewshot/folder/tiny/coop/shots4_seed3/checkpoints/last.ckpt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and f"stopped by {stop_signal.name}" in stderr, stderr[-2000:]
+    stopped_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
+    assert stopped_at < 399
+
+    resumed = run_py(args, run_env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    [results] = find_results(tmp_path / "outputs")
+    assert results["resumed_from_checkpoint"] and results["status"] == "completed"

@@ -99,9 +99,16 @@ class ResumableTraining(L.Callback):
         if trainer.is_global_zero:
             os.replace(tmp, self.last)
 
-    def raise_if_interrupted(self, epoch: int) -> None:
-        if self.stop_reason is not None:
+    def raise_if_interrupted(self, trainer: L.Trainer) -> None:
+        """Never evaluate a model whose training was cut short; Lightning itself returns normally from `fit`
+        after its own SIGTERM handling or a Ctrl-C."""
+        reason = self.stop_reason
+        if reason is None and trainer.received_sigterm:
+            reason = "SIGTERM"
+        if reason is None and trainer.interrupted:
+            reason = "an interruption (e.g. Ctrl-C)"
+        if reason is not None:
             raise RunInterrupted(
-                f"training stopped by {self.stop_reason} during epoch {epoch + 1}; the last complete epoch is saved in "
-                f"{self.last}. Run the same command again to resume from it."
+                f"training stopped by {reason} during epoch {trainer.current_epoch + 1}; the last complete epoch is "
+                f"saved in {self.last}. Run the same command again to resume from it."
             )

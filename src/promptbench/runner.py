@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -232,8 +233,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             with timer("fit"):
                 if method.trains:
                     resume_from = resumable.resume_path()
-                    trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from)
-                    resumable.raise_if_interrupted(trainer.current_epoch)
+                    try:
+                        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from)
+                    except SIGTERMException:
+                        pass  # Lightning stops on SIGTERM by exiting with status 0: report it as an interruption
+                    resumable.raise_if_interrupted(trainer)
                 else:
                     method.prepare(datamodule)
             if method.learned_state() and trainer.is_global_zero:

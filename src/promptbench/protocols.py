@@ -33,7 +33,6 @@ class Task:
     train: LabeledSet
     val: LabeledSet
     evals: dict[str, LabeledSet]
-    extra: dict = field(default_factory=dict)
     # eval set -> the labels (logit columns) it is scored over; absent: all of its classes.
     scored_labels: dict[str, list[int]] = field(default_factory=dict)
     # derived result name -> the two eval sets it is the harmonic mean of (base-to-new's "harmonic_mean").

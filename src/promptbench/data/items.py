@@ -22,7 +22,3 @@ class LabeledSet:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @property
-    def labels(self) -> list[int]:
-        return [item.label for item in self.items]

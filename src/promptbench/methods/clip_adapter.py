@@ -45,7 +45,6 @@ class ResidualAdapter(nn.Module):
 
 class CLIPAdapter(TrainsOnCachedViews, ZeroShotCLIP):
     name = "clip_adapter"
-    input_kind = "features"
     uses_train_data = True
 
     def __init__(

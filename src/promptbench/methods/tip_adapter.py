@@ -107,7 +107,6 @@ def search_alpha_beta(text_logits: torch.Tensor, affinity: torch.Tensor, values:
 
 class TipAdapter(ZeroShotCLIP):
     name = "tip_adapter"
-    input_kind = "features"
     trains = False
     uses_val = True
     transfers_to_new_classes = False

@@ -11,7 +11,7 @@ def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
     main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
     sections = {row["section"] for row in payload["rows"]}
-    assert sections == {"coop_step", "cocoop_step", "extraction", "sweep"}
+    assert sections == {"coop_step", "cocoop_step", "extraction", "sweep", "text_flops", "speed_options"}
     cached, uncached = [row for row in payload["rows"] if row["section"] == "sweep"]
     assert cached["feature_cache"] and cached["runs"] == uncached["runs"] == 2
     assert cached["image_tower_passes"] == cached["minimum_passes"] < uncached["image_tower_passes"]
@@ -21,3 +21,18 @@ def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
     coop = next(row for row in payload["rows"] if row["section"] == "coop_step")
     assert coop["prompt_tokens"] < coop["context_length"]
     assert "SMOKE MODE" in (tmp_path / "benchmarks_smoke.md").read_text()
+    flops = next(row for row in payload["rows"] if row["section"] == "text_flops")
+    assert flops["gflop_per_step"] > 0 and 0 < flops["fraction_of_matmul_rate"]
+    for option in (row for row in payload["rows"] if row["section"] == "speed_options"):
+        assert option["max_diff"] < 1e-3, option
+
+
+def test_bench_remeasures_only_the_named_sections(tmp_path):
+    main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path), "--sections", "coop_step", "cocoop_step"])
+    first = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path), "--sections", "cocoop_step"])
+    second = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    coop = [row for row in second["rows"] if row["section"] == "coop_step"]
+    assert coop == [row for row in first["rows"] if row["section"] == "coop_step"]
+    assert set(second["measured"]) == {"coop_step", "cocoop_step"}
+    assert second["rows"][0]["section"] == "coop_step"  # sections keep their order

@@ -11,7 +11,13 @@ Sections (each writes rows to experiments/benchmarks.json and a Markdown table t
 4. A sweep of the feature methods x shots x seeds on the mini world through `run.py -m`, with and without
    the feature cache: wall time and image-tower passes (extractions) against the minimum, one pass per
    distinct image set and transform (= the cache entries the sweep creates).
-`--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU.
+5. Text-encoder FLOPs of a CoOp step (forward + backward to the context, counted by torch's FLOP counter)
+   over its measured time, against the device's measured dense-matmul rate in the same precision: how far
+   the step is from the hardware limit. CLIP's ViT-B/16 and RN50 text towers with random weights.
+6. Speed options at equal numbers: the CoOp text step eager vs `speed.compile_text`, and the image tower
+   default vs `speed.channels_last`.
+`--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU (bf16 autocast in section 5).
+`--sections` re-measures some sections and keeps the other sections' rows already in the output file.
 """
 
 from __future__ import annotations
@@ -261,20 +267,106 @@ def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds:
     return rows
 
 
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Achieved rate of one large square matmul: the practical ceiling for transformer-shaped work."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds, _ = timed(lambda: a @ b, device, repeats)
+    return 2 * size**3 / seconds
+
+
+def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, repeats: int,
+                     matmul_size: int) -> list[dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_flops_per_s(device, dtype, matmul_size, repeats)
+    rows = []
+    for model_name in model_names:
+        backbone = load_backbone(model_name, model_name, "random").to(device)
+        method = CoOp(backbone, class_names(n_cls), ["a photo of a {}."]).to(device)
+        optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = method.text_features().float().square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        seconds, peak_mb = timed(step, device, repeats)
+        flops = counter.get_total_flops()
+        rows.append({"section": "text_flops", "model": model_name, "dtype": str(dtype).removeprefix("torch."),
+                     "n_cls": n_cls, "prompt_tokens": int(method.prompt_learner.eos.max()) + 1,
+                     "gflop_per_step": flops / 1e9, "step_ms": seconds * 1e3, "achieved_tflops": flops / seconds / 1e12,
+                     "matmul_tflops": peak / 1e12, "fraction_of_matmul_rate": flops / seconds / peak, "peak_mb": peak_mb})
+        del backbone, method, optimizer
+    return rows
+
+
+def bench_speed_options(backbone_name: str, device: torch.device, n_cls: int, repeats: int) -> list[dict]:
+    names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
+    model_name, pretrained = names.get(backbone_name, (backbone_name, "random"))
+    eager = load_backbone(backbone_name, model_name, pretrained).to(device)
+    fast = load_backbone(backbone_name, model_name, pretrained).to(device).accelerate(compile_text=True,
+                                                                                      channels_last=True)
+    rows = []
+    classnames = class_names(n_cls)
+    outcome = {}
+    for label, backbone in (("eager", eager), ("compiled", fast)):
+        method = CoOp(backbone, classnames, ["a photo of a {}."]).to(device)
+        with torch.no_grad():
+            method.prompt_learner.ctx.copy_(torch.linspace(-0.05, 0.05, method.prompt_learner.ctx.numel())
+                                            .view_as(method.prompt_learner.ctx))
+            outcome[f"{label}_features"] = method.text_features().float()
+        optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            loss = method.text_features().float().square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        start = time.perf_counter()
+        step()  # the compiled variant compiles here
+        outcome[f"{label}_first_step_s"] = time.perf_counter() - start
+        outcome[label] = timed(step, device, repeats)[0] * 1e3
+    rows.append({"section": "speed_options", "option": "speed.compile_text", "backbone": backbone_name, "n_cls": n_cls,
+                 "default_ms": outcome["eager"], "option_ms": outcome["compiled"],
+                 "speedup": outcome["eager"] / outcome["compiled"], "one_off_compile_s": outcome["compiled_first_step_s"],
+                 "max_diff": (outcome["compiled_features"] - outcome["eager_features"]).abs().max().item()})
+    images = torch.randn(BATCH, 3, eager.image_size, eager.image_size, device=device)
+    with torch.no_grad():
+        default_s, _ = timed(lambda: eager.encode_image(images), device, repeats)
+        option_s, _ = timed(lambda: fast.encode_image(images), device, repeats)
+        diff = (fast.encode_image(images) - eager.encode_image(images)).abs().max().item()
+    rows.append({"section": "speed_options", "option": "speed.channels_last", "backbone": backbone_name, "n_cls": "-",
+                 "default_ms": default_s * 1e3, "option_ms": option_s * 1e3, "speedup": default_s / option_s,
+                 "one_off_compile_s": "-", "max_diff": diff})
+    return rows
+
+
 # ---- output ---------------------------------------------------------------------------------------------
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# promptbench benchmarks", "",
-             f"Measured {meta['date']} on {meta['device']['name']} ({meta['device']['type']}, "
-             f"{meta['device']['torch_threads']} torch threads), precision fp32, torch {meta['versions'].get('torch')}."
-             f"{' SMOKE MODE: toy sizes, numbers mean nothing.' if meta['smoke'] else ''}", ""]
+def markdown(rows: list[dict], measured: dict[str, dict]) -> str:
+    lines = ["# promptbench benchmarks", ""]
     for section in dict.fromkeys(row["section"] for row in rows):
+        meta = measured[section]
         selected = [row for row in rows if row["section"] == section]
         columns = [key for key in selected[0] if key != "section"]
-        lines += [f"## {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += [f"## {section}", "",
+                  f"Measured {meta['date']} on {meta['device']['name']} ({meta['device']['type']}, "
+                  f"{meta['device']['torch_threads']} torch threads), torch {meta['versions'].get('torch')}."
+                  f"{' SMOKE MODE: toy sizes, numbers mean nothing.' if meta['smoke'] else ''}", "",
+                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in selected:
             lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+SECTIONS = ("coop_step", "cocoop_step", "extraction", "sweep", "text_flops", "speed_options")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,32 +375,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="mini", help="tiny | mini | an open_clip model name (random weights)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes for CI; no meaningful timings")
     parser.add_argument("--out", default=str(EXPERIMENTS), help="folder for benchmarks.md / benchmarks.json")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--sweep-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--text-models", nargs="+", default=["ViT-B-16-quickgelu", "RN50-quickgelu"],
+                        help="open_clip configs whose text towers section 5 measures (random weights)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
     model_name, pretrained = names.get(args.backbone, (args.backbone, "random"))
     backbone = load_backbone(args.backbone, model_name, pretrained).to(device)
-    classes = [4] if args.smoke else [10, 100, 1000]
     repeats = 2 if args.smoke else 10
-    rows = bench_coop(backbone, device, classes, repeats)
-    rows += bench_cocoop(backbone, device, [4] if args.smoke else [10, 100], repeats)
-    rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
-    with tempfile.TemporaryDirectory() as workdir:
-        if args.smoke:
-            rows += bench_sweep(args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
-        else:
-            rows += bench_sweep(args.backbone, ["zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_adapter"],
-                                args.sweep_shots, args.sweep_seeds, device, Path(workdir))
+    sections = set(args.sections)
+    rows = []
+    if "coop_step" in sections:
+        rows += bench_coop(backbone, device, [4] if args.smoke else [10, 100, 1000], repeats)
+    if "cocoop_step" in sections:
+        rows += bench_cocoop(backbone, device, [4] if args.smoke else [10, 100], repeats)
+    if "extraction" in sections:
+        rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
+    if "sweep" in sections:
+        with tempfile.TemporaryDirectory() as workdir:
+            if args.smoke:
+                rows += bench_sweep(args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
+            else:
+                rows += bench_sweep(args.backbone, ["zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f",
+                                                    "clip_adapter"], args.sweep_shots, args.sweep_seeds, device,
+                                    Path(workdir))
+    if "text_flops" in sections:
+        rows += bench_text_flops(device, ["promptbench-tiny"] if args.smoke else args.text_models,
+                                 n_cls=4 if args.smoke else 100, repeats=2 if args.smoke else 5,
+                                 matmul_size=256 if args.smoke else 4096 if device.type == "cuda" else 1024)
+    if "speed_options" in sections:
+        rows += bench_speed_options(args.backbone, device, n_cls=4 if args.smoke else 100, repeats=repeats)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": device_info(device), "versions": package_versions(),
             "smoke": args.smoke, "backbone": backbone.describe(), "host": platform.node()}
     out = Path(args.out)
     stem = "benchmarks_smoke" if args.smoke else "benchmarks" if args.backbone == "mini" else f"benchmarks_{args.backbone}"
-    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    if device.type != "cpu" and not args.smoke:
+        stem += f"_{device.type}"
+    json_path = out / f"{stem}.json"
+    # Sections not re-measured keep their earlier rows, each with the machine and date it was measured on.
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": [], "measured": {}}
+    kept = [row for row in previous["rows"] if row["section"] in previous.get("measured", {})
+            and row["section"] not in sections]
+    measured = {section: previous["measured"][section] for section in dict.fromkeys(row["section"] for row in kept)}
+    measured |= {row["section"]: meta for row in rows}
+    rows = sorted(kept + rows, key=lambda row: SECTIONS.index(row["section"]))
+    write_json_atomic(json_path, {"measured": measured, "rows": rows})
     with atomic_path(out / f"{stem}.md") as tmp:
-        tmp.write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+        tmp.write_text(markdown(rows, measured))
+    print(markdown(rows, measured))
 
 
 if __name__ == "__main__":

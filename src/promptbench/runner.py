@@ -123,8 +123,8 @@ def refuse_untransferable(method: Method, task: Task, protocol: str) -> None:
         )
 
 
-# Options that change where or how a run is logged, never its numbers: ignored when deciding "already done".
-NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", "time_budget_min")
+# Options that change where, how fast or how a run is logged, never its numbers: ignored when deciding "already done".
+NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", "time_budget_min", "speed")
 
 
 def result_relevant(config: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +188,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     with timer("build/backbone"):
-        backbone = build(cfg.backbone)
+        backbone = build(cfg.backbone).accelerate(**cfg.get("speed", {}))
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)

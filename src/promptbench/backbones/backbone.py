@@ -69,6 +69,8 @@ class Backbone(nn.Module):
         self.std = tuple(float(v) for v in std)
         self.fingerprint = fingerprint
         self.text_pool_type = getattr(model, "text_pool_type", "argmax")
+        self.speed = {"compile_text": False, "channels_last": False}
+        self._text_tower = self._run_text_tower
         if self.text_pool_type not in ("argmax", "eos"):
             raise PromptbenchError(
                 f"backbone '{name}' pools its text features with '{self.text_pool_type}'; promptbench's prompt "
@@ -106,8 +108,23 @@ class Backbone(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    def accelerate(self, compile_text: bool = False, channels_last: bool = False) -> "Backbone":
+        """Speed options that leave the numbers unchanged up to float rounding (equality-tested).
+
+        `compile_text`: torch.compile the text transformer (dynamic shapes: prompt lengths vary by class set).
+        `channels_last`: NHWC memory layout for the image tower, which convolution kernels prefer (RN towers).
+        """
+        if compile_text and not self.speed["compile_text"]:
+            self._text_tower = torch.compile(self._run_text_tower, dynamic=True)
+        if channels_last and not self.speed["channels_last"]:
+            self.model.visual.to(memory_format=torch.channels_last)
+        self.speed = {"compile_text": bool(compile_text or self.speed["compile_text"]),
+                      "channels_last": bool(channels_last or self.speed["channels_last"])}
+        return self
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images.to(self.dtype))
+        layout = torch.channels_last if self.speed["channels_last"] else torch.preserve_format
+        return self.model.encode_image(images.to(self.dtype, memory_format=layout))
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -128,11 +145,14 @@ class Backbone(nn.Module):
         longest prompt's EOS is dropped before the transformer. The result equals the full 77-token pass.
         """
         length = int(eos.max()) + 1
-        model = self.model
-        x = embeddings[:, :length].to(self.dtype) + model.positional_embedding[:length].to(self.dtype)
+        return self._text_tower(embeddings[:, :length], eos.to(embeddings.device))
+
+    def _run_text_tower(self, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        model, length = self.model, embeddings.shape[1]
+        x = embeddings.to(self.dtype) + model.positional_embedding[:length].to(self.dtype)
         x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
         x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eos.to(x.device)]
+        x = x[torch.arange(x.shape[0], device=x.device), eos]
         if isinstance(model.text_projection, nn.Linear):
             return model.text_projection(x)
         return x @ model.text_projection
@@ -149,6 +169,7 @@ class Backbone(nn.Module):
             "image_size": self.image_size,
             "embed_dim": self.embed_dim,
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "speed": dict(self.speed),
         }
 
 

@@ -275,6 +275,20 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, repe
     return 2 * size**3 / seconds
 
 
+def text_tower_step(method: CoOp, device: torch.device, autocast: torch.dtype | None = None) -> Callable[[], None]:
+    """The part of a CoOp step that runs every step: text tower forward, backward to the context, SGD."""
+    optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = method.text_features().float().square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, repeats: int,
                      matmul_size: int) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
@@ -283,17 +297,8 @@ def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, r
     peak = matmul_flops_per_s(device, dtype, matmul_size, repeats)
     rows = []
     for model_name in model_names:
-        backbone = load_backbone(model_name, model_name, "random").to(device)
-        method = CoOp(backbone, class_names(n_cls), ["a photo of a {}."]).to(device)
-        optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = method.text_features().float().square().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        method = CoOp(bench_backbone(model_name, device), class_names(n_cls), ["a photo of a {}."]).to(device)
+        step = text_tower_step(method, device, None if dtype == torch.float32 else dtype)
         with FlopCounterMode(display=False) as counter:
             step()
         seconds, peak_mb = timed(step, device, repeats)
@@ -302,50 +307,40 @@ def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, r
                      "n_cls": n_cls, "prompt_tokens": int(method.prompt_learner.eos.max()) + 1,
                      "gflop_per_step": flops / 1e9, "step_ms": seconds * 1e3, "achieved_tflops": flops / seconds / 1e12,
                      "matmul_tflops": peak / 1e12, "fraction_of_matmul_rate": flops / seconds / peak, "peak_mb": peak_mb})
-        del backbone, method, optimizer
     return rows
 
 
 def bench_speed_options(backbone_name: str, device: torch.device, n_cls: int, repeats: int) -> list[dict]:
-    names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
-    model_name, pretrained = names.get(backbone_name, (backbone_name, "random"))
-    eager = load_backbone(backbone_name, model_name, pretrained).to(device)
-    fast = load_backbone(backbone_name, model_name, pretrained).to(device).accelerate(compile_text=True,
-                                                                                      channels_last=True)
-    rows = []
-    classnames = class_names(n_cls)
-    outcome = {}
-    for label, backbone in (("eager", eager), ("compiled", fast)):
-        method = CoOp(backbone, classnames, ["a photo of a {}."]).to(device)
-        with torch.no_grad():
-            method.prompt_learner.ctx.copy_(torch.linspace(-0.05, 0.05, method.prompt_learner.ctx.numel())
-                                            .view_as(method.prompt_learner.ctx))
-            outcome[f"{label}_features"] = method.text_features().float()
-        optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
-
-        def step() -> None:
-            loss = method.text_features().float().square().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        start = time.perf_counter()
-        step()  # the compiled variant compiles here
-        outcome[f"{label}_first_step_s"] = time.perf_counter() - start
-        outcome[label] = timed(step, device, repeats)[0] * 1e3
-    rows.append({"section": "speed_options", "option": "speed.compile_text", "backbone": backbone_name, "n_cls": n_cls,
-                 "default_ms": outcome["eager"], "option_ms": outcome["compiled"],
-                 "speedup": outcome["eager"] / outcome["compiled"], "one_off_compile_s": outcome["compiled_first_step_s"],
-                 "max_diff": (outcome["compiled_features"] - outcome["eager_features"]).abs().max().item()})
-    images = torch.randn(BATCH, 3, eager.image_size, eager.image_size, device=device)
+    default = bench_backbone(backbone_name, device)
+    accelerated = bench_backbone(backbone_name, device).accelerate(compile_text=True, channels_last=True)
+    methods = [CoOp(backbone, class_names(n_cls), ["a photo of a {}."]).to(device) for backbone in (default, accelerated)]
+    methods[1].load_state_dict(methods[0].state_dict())
     with torch.no_grad():
-        default_s, _ = timed(lambda: eager.encode_image(images), device, repeats)
-        option_s, _ = timed(lambda: fast.encode_image(images), device, repeats)
-        diff = (fast.encode_image(images) - eager.encode_image(images)).abs().max().item()
+        text_diff = (methods[1].text_features() - methods[0].text_features()).abs().max().item()
+    steps = [text_tower_step(method, device) for method in methods]
+    start = time.perf_counter()
+    steps[1]()  # compiles
+    compile_s = time.perf_counter() - start
+    (default_s, _), (option_s, _) = (timed(step, device, repeats) for step in steps)
+    rows = [{"section": "speed_options", "option": "speed.compile_text", "backbone": backbone_name, "n_cls": n_cls,
+             "default_ms": default_s * 1e3, "option_ms": option_s * 1e3, "speedup": default_s / option_s,
+             "one_off_s": compile_s, "max_diff": text_diff}]
+    images = torch.randn(BATCH, 3, default.image_size, default.image_size, device=device)
+    with torch.no_grad():
+        (default_s, _), (option_s, _) = (timed(lambda b=b: b.encode_image(images), device, repeats)
+                                         for b in (default, accelerated))
+        image_diff = (accelerated.encode_image(images) - default.encode_image(images)).abs().max().item()
     rows.append({"section": "speed_options", "option": "speed.channels_last", "backbone": backbone_name, "n_cls": "-",
                  "default_ms": default_s * 1e3, "option_ms": option_s * 1e3, "speedup": default_s / option_s,
-                 "one_off_compile_s": "-", "max_diff": diff})
+                 "one_off_s": "-", "max_diff": image_diff})
     return rows
+
+
+def bench_backbone(name: str, device: torch.device) -> Backbone:
+    """tiny, mini (bundled weights), or any open_clip model config with random weights."""
+    model_name, pretrained = {"tiny": ("promptbench-tiny", "random"),
+                              "mini": ("promptbench-mini", "bundled")}.get(name, (name, "random"))
+    return load_backbone(name, model_name, pretrained).to(device)
 
 
 # ---- output ---------------------------------------------------------------------------------------------
@@ -382,9 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="open_clip configs whose text towers section 5 measures (random weights)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    names = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled")}
-    model_name, pretrained = names.get(args.backbone, (args.backbone, "random"))
-    backbone = load_backbone(args.backbone, model_name, pretrained).to(device)
+    backbone = bench_backbone(args.backbone, device)
     repeats = 2 if args.smoke else 10
     sections = set(args.sections)
     rows = []

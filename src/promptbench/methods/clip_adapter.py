@@ -20,7 +20,7 @@ from torch import nn
 from promptbench.backbones import Backbone
 from promptbench.data.features import AugmentedViews
 from promptbench.errors import PromptbenchError
-from promptbench.methods.feature_training import TrainsOnCachedViews, cosine_with_warmup, positive
+from promptbench.methods.feature_training import TrainsOnCachedViews, positive, reference_sgd
 from promptbench.methods.zeroshot import ZeroShotCLIP
 
 
@@ -83,8 +83,5 @@ class CLIPAdapter(TrainsOnCachedViews, ZeroShotCLIP):
         return super().forward(self.adapter(features.to(self.adapter.mlp[0].weight.dtype)))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(self.adapter.parameters(), lr=self.lr, momentum=self.momentum,
-                                    weight_decay=self.weight_decay)
-        scheduler = cosine_with_warmup(optimizer, total=self.max_epochs, warmup=self.warmup_epochs,
-                                       warmup_factor=self.warmup_lr / self.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return reference_sgd(self.adapter.parameters(), self.lr, self.momentum, self.weight_decay, self.max_epochs,
+                             self.warmup_epochs, self.warmup_lr)

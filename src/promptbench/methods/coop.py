@@ -16,7 +16,7 @@ from promptbench.data.features import AugmentedViews
 from promptbench.data.transforms import DEFAULT_CROP_SCALE
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
-from promptbench.methods.feature_training import cosine_with_warmup
+from promptbench.methods.feature_training import reference_sgd
 from promptbench.methods.prompt_learner import PromptLearner
 
 
@@ -129,7 +129,5 @@ class CoOp(Method):
         if epochs is None or epochs < 1:
             raise PromptbenchError(f"method '{self.name}' needs a finite number of epochs (max_epochs >= 1), got {epochs}")
         trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.SGD(trainable, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        scheduler = cosine_with_warmup(optimizer, total=epochs, warmup=self.warmup_epochs,
-                                       warmup_factor=self.warmup_lr / self.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return reference_sgd(trainable, self.lr, self.momentum, self.weight_decay, epochs, self.warmup_epochs,
+                             self.warmup_lr)

@@ -54,3 +54,12 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
     """The reference schedule over `total` scheduler steps (epochs for CoOp and CLIP-Adapter, steps for Tip-F)."""
     total = max(int(total), 1)
     return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total, warmup, warmup_factor))
+
+
+def reference_sgd(parameters, lr: float, momentum: float, weight_decay: float, epochs: int, warmup_epochs: int,
+                  warmup_lr: float) -> dict[str, Any]:
+    """Lightning's optimizer config for the reference recipe of CoOp, CoCoOp and CLIP-Adapter: SGD with the
+    warm-up + cosine schedule stepped once per epoch."""
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = cosine_with_warmup(optimizer, total=epochs, warmup=warmup_epochs, warmup_factor=warmup_lr / lr)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -63,3 +64,12 @@ def test_unknown_option_lists_valid_choices(run_env):
     result = run_py(["method=no_such_method"], run_env)
     assert result.returncode != 0
     assert "Available options" in result.stderr and "zeroshot" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_cached_views_follow_the_runs_train_crop_scale(method, tiny_backbone):
+    # Cached views replace the online augmentation, so they must crop like it (dataset hparams included).
+    cfg = compose_with([f"method={method}", "method.cached_views=2", "train_crop_scale=[0.5,1.0]"])
+    assert list(cfg.method.cached_views_scale) == [0.5, 1.0]
+    built = hydra.utils.instantiate(cfg.method, backbone=tiny_backbone, classnames=["a", "b"], templates=["{}."])
+    assert built.train_views.scale == (0.5, 1.0)

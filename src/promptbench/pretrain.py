@@ -41,7 +41,7 @@ CARD_JSON = f"{MINI_MODEL}.card.json"
 class PretrainConfig:
     out_dir: str = "outputs/pretrain-mini"
     seed: int = 0
-    steps: int = 2000
+    steps: int = 3600
     batch_size: int = 256
     lr: float = 5e-4
     weight_decay: float = 0.1

@@ -40,6 +40,7 @@ class CoOp(Method):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         cached_views: int = 0,
+        cached_views_scale: Sequence[float] = DEFAULT_CROP_SCALE,
         **config: Any,
     ):
         super().__init__(backbone, classnames, templates, **config)
@@ -49,7 +50,7 @@ class CoOp(Method):
             # Opt-in protocol change: epoch e trains on cached augmented view e mod N of every image instead of
             # a fresh augmentation, so the image tower runs N times per image instead of once per step.
             self.input_kind = "features"
-            self.train_views = AugmentedViews(int(cached_views), DEFAULT_CROP_SCALE)
+            self.train_views = AugmentedViews(int(cached_views), tuple(cached_views_scale))
         if lr <= 0 or warmup_lr < 0 or warmup_epochs < 0:
             raise PromptbenchError(
                 f"method '{self.name}': need lr > 0, warmup_lr >= 0 and warmup_epochs >= 0 "

@@ -69,6 +69,25 @@ def test_identical_rerun_is_skipped_and_a_different_config_is_refused(toy_root, 
     assert latest["config"]["method"]["template_set"] == "imagenet7"
 
 
+def test_results_from_other_backbone_weights_are_not_reused(toy_root, run_env, tmp_path, tiny_backbone):
+    # Same config, new bytes behind it (bundled weights after an update, a checkpoint rewritten in place).
+    weights = tmp_path / "tiny.safetensors"
+    state = {k: v.clone().contiguous() for k, v in tiny_backbone.model.state_dict().items()}
+    safetensors.torch.save_file(state, weights)
+    args = [*SWEEP, f"dataset.root={toy_root}", "seed=1", f"backbone.pretrained={weights}"]
+    assert run_py(args, run_env).returncode == 0
+    assert "skipped:" in run_py(args, run_env).stdout
+
+    state["logit_scale"] = state["logit_scale"] + 1.0
+    safetensors.torch.save_file(state, weights)
+    refused = run_py(args, run_env)
+    assert refused.returncode == 2 and "backbone weights" in refused.stderr, refused.stderr[-2000:]
+    [kept] = find_results(tmp_path / "outputs")
+    assert run_py([*args, "overwrite=true"], run_env).returncode == 0
+    [replaced] = find_results(tmp_path / "outputs")
+    assert replaced["backbone"]["fingerprint"] != kept["backbone"]["fingerprint"]
+
+
 def test_a_failing_job_does_not_take_the_sweep_down(toy_root, run_env, tmp_path):
     sweep = [arg for arg in SWEEP if not arg.startswith("shots=")]
     result = run_py(["-m", *sweep, "seed=1", f"dataset.root={toy_root}", "shots=-5,2"], run_env)

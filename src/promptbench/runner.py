@@ -131,11 +131,13 @@ def result_relevant(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in NON_RESULT_KEYS}
 
 
-def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def completed_run(cfg: DictConfig, run_dir: Path, backbone_fingerprint: str) -> dict[str, Any] | None:
     """The results of an identical, completed run in `run_dir`, or None if it must run.
 
     A completed run with a different configuration in the same directory is refused (unless
-    overwrite=true): two configurations must never share one results.json.
+    overwrite=true): two configurations must never share one results.json. Other backbone weights under
+    the same config (e.g. `pretrained: bundled` after an update, a checkpoint file rewritten in place)
+    count as a different configuration.
     """
     path = run_dir / RESULTS_FILE
     if not path.is_file():
@@ -143,8 +145,9 @@ def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     previous = json.loads(path.read_text())
     if previous.get("status") != "completed":
         return None
-    wanted = result_relevant(OmegaConf.to_container(cfg, resolve=True))
-    existing = result_relevant(previous.get("config", {}))
+    wanted = result_relevant(OmegaConf.to_container(cfg, resolve=True)) | {"backbone weights": backbone_fingerprint}
+    existing = result_relevant(previous.get("config", {})) | {
+        "backbone weights": previous.get("backbone", {}).get("fingerprint")}
     if wanted == existing:
         return previous
     if cfg.get("overwrite"):
@@ -180,15 +183,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     An identical completed run in the same directory is not repeated: its results are returned.
     """
     run_dir = Path(run_dir)
-    previous = completed_run(cfg, run_dir)
+    timer = PhaseTimer()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with timer("build/backbone"):
+        backbone = build(cfg.backbone).accelerate(**cfg.get("speed", {}))
+    previous = completed_run(cfg, run_dir, backbone.fingerprint)
     if previous is not None:
         print(f"skipped: {run_dir / RESULTS_FILE} already holds this configuration's results")
         return previous | {"skipped": True}
-    timer = PhaseTimer()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-    with timer("build/backbone"):
-        backbone = build(cfg.backbone).accelerate(**cfg.get("speed", {}))
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)

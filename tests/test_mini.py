@@ -18,11 +18,13 @@ CARD = json.loads((BUNDLED_DIR / CARD_JSON).read_text())
 CARD_TOLERANCE = 1.0
 
 
-def test_bundled_weights_are_small_and_load_offline(monkeypatch):
+def test_bundled_weights_are_small_and_load_offline(monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = BUNDLED_DIR / f"{MINI_MODEL}.safetensors"
     assert path.stat().st_size < 8 * 2**20
     backbone = load_backbone("mini", MINI_MODEL, "bundled")
+    # open_clip's "initialized randomly" would be false here: the bundled weights are loaded.
+    assert not [record for record in caplog.records if "random" in record.getMessage().lower()]
     stored = load_file(str(path))
     ids = stored[EMBEDDING_IDS_KEY]
     table = backbone.model.token_embedding.weight

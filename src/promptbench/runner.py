@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from promptbench.results import (
 )
 
 log = logging.getLogger(__name__)
+# The frozen CLIP towers stay in eval mode on purpose (Backbone.train never switches them): not worth a warning.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 LEARNED_FILE = "learned.safetensors"
 # The reference CoOp runs the whole CLIP in half precision; Lightning calls that "16-true".
 PRECISION_ALIASES = {"fp16-pure": "16-true"}

@@ -183,26 +183,28 @@ def _file_sha256(path: Path) -> str:
 
 
 @contextmanager
-def quiet_open_clip() -> Iterator[None]:
-    """open_clip logs every construction step at INFO on the root logger; keep only its warnings."""
+def quiet_open_clip(level: int = logging.WARNING) -> Iterator[None]:
+    """open_clip logs every construction step at INFO on the root logger; keep only records at `level` and up."""
     root = logging.getLogger()
     previous = root.level
-    root.setLevel(max(previous, logging.WARNING))
+    root.setLevel(max(previous, level))
     try:
         yield
     finally:
         root.setLevel(previous)
 
 
-def _create(model_name: str, **kwargs: Any) -> nn.Module:
-    with quiet_open_clip():
+def _create(model_name: str, quiet_level: int = logging.WARNING, **kwargs: Any) -> nn.Module:
+    with quiet_open_clip(quiet_level):
         return open_clip.create_model(model_name, device="cpu", precision="fp32", **kwargs)
 
 
 def _random_init(model_name: str) -> nn.Module:
+    # open_clip warns "initialized randomly" here, which is wrong when a checkpoint is loaded right after and
+    # redundant for random backbones (promptbench's own warning says so, louder).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        return _create(model_name)
+        return _create(model_name, quiet_level=logging.ERROR)
 
 
 def _from_tag(name: str, model_name: str, tag: str, cache_dir: str | None) -> nn.Module:

@@ -69,6 +69,15 @@ def test_identical_rerun_is_skipped_and_a_different_config_is_refused(toy_root, 
     assert latest["config"]["method"]["template_set"] == "imagenet7"
 
 
+def test_an_option_sweep_gets_one_directory_per_value_through_the_tag(toy_root, run_env, tmp_path):
+    result = run_py(["-m", *SWEEP, f"dataset.root={toy_root}", "seed=1", "method.template_set=dataset,imagenet7",
+                     "tag=templates_${method.template_set}"], run_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = find_results(tmp_path / "outputs")
+    assert sorted(r["config"]["tag"] for r in results) == ["templates_dataset", "templates_imagenet7"]
+    assert sorted(r["config"]["method"]["template_set"] for r in results) == ["dataset", "imagenet7"]
+
+
 def test_results_from_other_backbone_weights_are_not_reused(toy_root, run_env, tmp_path, tiny_backbone):
     # Same config, new bytes behind it (bundled weights after an update, a checkpoint rewritten in place).
     weights = tmp_path / "tiny.safetensors"

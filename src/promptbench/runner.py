@@ -158,7 +158,8 @@ def completed_run(cfg: DictConfig, run_dir: Path, backbone_fingerprint: str) -> 
     differing = sorted(key for key in set(wanted) | set(existing) if wanted.get(key) != existing.get(key))
     raise PromptbenchError(
         f"{path} holds a completed run with another configuration (differs in: {', '.join(differing)}). "
-        f"Give this variant its own directory with tag=<name>, or replace it with overwrite=true."
+        f"Give this variant its own directory with tag=<name> (in a sweep over options, interpolate them: "
+        f"'tag=lr${{method.lr}}'), or replace it with overwrite=true."
     )
 
 

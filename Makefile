@@ -21,6 +21,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) run.py -m experiment=demo
+	$(PY) run.py -m experiment=demo_shades
 	$(VENV)/bin/promptbench report outputs/demo --out outputs/demo
 
 test: install

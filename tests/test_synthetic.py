@@ -32,7 +32,7 @@ from promptbench.data.synthetic import (
     sample_scene,
 )
 from promptbench.data.synthetic import tasks as tasks_module
-from promptbench.data.synthetic.captions import COLOUR_WORDS, SHAPE_NOUNS, SIZE_WORDS, STYLE_PREFIXES, STYLE_SUFFIXES
+from promptbench.data.synthetic.captions import COARSE_COLOUR, COLOUR_WORDS, FINE_NAME_PROBABILITY, SHAPE_NOUNS, SIZE_WORDS, STYLE_PREFIXES, STYLE_SUFFIXES
 
 TINY_SPLITS = {"train": 2, "val": 1, "test": 1}
 
@@ -146,9 +146,11 @@ def assert_caption_matches(text: str, scene: Scene) -> None:
     groups = {(obj.shape, obj.colour, obj.size) for obj in scene.objects}
     for shape in {obj.shape for obj in scene.objects}:
         assert any(has_phrase(text, noun) for pair in SHAPE_NOUNS[shape] for noun in pair), (text, shape)
+    # A shade may go by its coarse colour (the vocabulary gap): maroon is also truly "red".
+    described_as = {COARSE_COLOUR.get(obj.colour) for obj in scene.objects} | {obj.colour for obj in scene.objects}
     for colour, words in COLOUR_WORDS.items():
         if any(has_phrase(text, word) for word in words):
-            assert colour in {obj.colour for obj in scene.objects}, (text, colour)
+            assert colour in described_as, (text, colour)
     for size, words in SIZE_WORDS.items():
         if any(has_phrase(text, word) for word in words):
             assert size in {obj.size for obj in scene.objects}, (text, size)
@@ -169,6 +171,19 @@ def test_captions_describe_their_scene():
     for _ in range(400):
         scene = sample_scene(rng, distractors=int(rng.integers(2)))
         assert_caption_matches(caption(scene, rng), scene)
+
+
+def test_shades_are_rarely_called_by_their_own_name():
+    rng = np.random.default_rng(6)
+    own, coarse = 0, 0
+    for _ in range(600):
+        scene = sample_scene(rng, colour="navy", count=1)
+        text = caption(scene, rng)
+        own += has_phrase(text, "navy")
+        coarse += has_phrase(text, "blue")
+    # Colour is mentioned in ~85% of captions; "navy" in FINE_NAME_PROBABILITY of those.
+    assert 0.5 * FINE_NAME_PROBABILITY < own / (own + coarse) < 2 * FINE_NAME_PROBABILITY, (own, coarse)
+    assert own > 0, "the fine name must still occur, or zero-shot could never know it"
 
 
 def test_captions_vary():
@@ -238,13 +253,16 @@ def test_task_classes_are_sorted_and_scenes_match_their_class(name):
             "synth_sketch": target.shape,
             "synth_shape_colour": f"{target.colour} {target.shape}",
             "synth_textures": scene.texture,
+            "synth_shades": target.colour,
         }[name]
         assert described == classname
         assert (scene.style == "sketch") == (name == "synth_sketch")
 
 
 def test_required_tasks_and_sizes():
-    assert {"synth_shapes", "synth_textures", "synth_shape_colour", "synth_sketch"} <= set(TASKS)
+    assert {"synth_shapes", "synth_textures", "synth_shape_colour", "synth_shades", "synth_sketch"} <= set(TASKS)
+    # synth_shades holds every shade with a coarse name beside that coarse colour: the gap is what it tests.
+    assert set(COARSE_COLOUR) | set(COARSE_COLOUR.values()) == set(TASKS["synth_shades"].classnames)
     assert len(TASKS["synth_shapes"].classnames) >= 12
     assert len(TASKS["synth_shape_colour"].classnames) >= 48
     assert TASKS["synth_sketch"].classnames == TASKS["synth_shapes"].classnames

@@ -41,7 +41,7 @@ CARD_JSON = f"{MINI_MODEL}.card.json"
 class PretrainConfig:
     out_dir: str = "outputs/pretrain-mini"
     seed: int = 0
-    steps: int = 3600
+    steps: int = 2000
     batch_size: int = 256
     lr: float = 5e-4
     weight_decay: float = 0.1
@@ -228,6 +228,9 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
 - Data: image-caption pairs from `promptbench.data.synthetic.make_pair` (stream seed {config['seed']}): 13 shapes,
   17 colours, 2 sizes, 1-3 objects, 9 background textures; styles shaded/flat/outline (30% each),
   pixelated/noisy (5% each); the sketch style is held out (never seen) for the domain-shift task.
+  Vocabulary gap: captions call maroon, navy, teal, gold and lime by their own name only 10% of the time
+  (red, blue, cyan, yellow, green otherwise), so the image tower sees these shades while the text tower
+  barely knows their names; synth_shades is the task where few-shot adaptation has room.
 - Objective: symmetric InfoNCE, learnable temperature (clamped at 100). AdamW lr {config['lr']}, weight decay
   {config['weight_decay']}, {config['warmup_steps']} warm-up steps then cosine, batch {config['batch_size']},
   {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), bf16 autocast.

@@ -25,6 +25,9 @@ SHAPE_NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "triangle": (("triangle", "triangles"),),
 }
 COLOUR_WORDS: dict[str, tuple[str, ...]] = {name: (name,) for name in COLOURS} | {"gray": ("gray", "grey")}
+# Vocabulary gap: these shades are usually called by their coarse colour, rarely by their own name.
+COARSE_COLOUR = {"maroon": "red", "navy": "blue", "teal": "cyan", "gold": "yellow", "lime": "green"}
+FINE_NAME_PROBABILITY = 0.1
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 COUNT_WORDS = {2: ("two", "a pair of"), 3: ("three",)}  # one object: "a"/"an", sometimes "one"
 TEXTURE_WORDS: dict[str, tuple[str, ...]] = {name: (name,) for name in TEXTURES} | {
@@ -95,6 +98,8 @@ def _noun_phrase(obj: Obj, count: int, rng: np.random.Generator, with_colour: bo
     singular, plural = _pick(rng, synonyms) if synonyms and _chance(rng, 0.3) else canonical
     noun = singular if count == 1 else plural
     colour = _pick(rng, COLOUR_WORDS[obj.colour])
+    if obj.colour in COARSE_COLOUR and not _chance(rng, FINE_NAME_PROBABILITY):
+        colour = COARSE_COLOUR[obj.colour]
     colour_after_noun = with_colour and _chance(rng, 0.25)
     adjectives = [_pick(rng, SIZE_WORDS[obj.size])] if with_size else []
     if with_colour and not colour_after_noun:

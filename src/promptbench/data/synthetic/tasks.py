@@ -68,6 +68,10 @@ SHAPE_COLOUR_CLASSES = tuple(
 )
 
 
+# Shades that captions usually call by their coarse colour (captions.COARSE_COLOUR), with those coarse colours.
+SHADE_CLASSES = ("blue", "cyan", "gold", "green", "lime", "maroon", "navy", "red", "teal", "yellow")
+
+
 def _single_object_scene(rng: np.random.Generator, **fixed) -> Scene:
     """One object, sometimes small, on a random texture; with a distractor, the object is the large one."""
     has_distractor = bool(rng.random() < DISTRACTOR_PROBABILITY)
@@ -93,6 +97,12 @@ def _sketch_scene(label: int, rng: np.random.Generator) -> Scene:
 def _shape_colour_scene(label: int, rng: np.random.Generator) -> Scene:
     colour, shape = SHAPE_COLOUR_CLASSES[label]
     return _single_object_scene(rng, shape=shape, colour=colour)
+
+
+def _shade_scene(label: int, rng: np.random.Generator) -> Scene:
+    # One large filled object: the class is a colour the text side knows only coarsely, not the layout.
+    return sample_scene(rng, colour=SHADE_CLASSES[label], count=1, size="large",
+                        style_weights={"shaded": 1.0, "flat": 1.0})
 
 
 def _texture_scene(label: int, rng: np.random.Generator) -> Scene:
@@ -125,6 +135,13 @@ TASKS: dict[str, TaskSpec] = {
             templates=("a picture of a {}.", "an image of a {}.", "a {}."),
             scene_for_class=_shape_colour_scene,
             images_per_class={"train": 40, "val": 10, "test": 25},
+        ),
+        TaskSpec(
+            name="synth_shades",
+            classnames=SHADE_CLASSES,
+            templates=("a {} shape.", "a picture of a {} shape.", "a {} object."),
+            scene_for_class=_shade_scene,
+            images_per_class=DEFAULT_IMAGES_PER_CLASS,
         ),
         TaskSpec(
             name="synth_sketch",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptbench.data.synthetic.captions import SHAPE_NOUNS
+from promptbench.data.synthetic.captions import COARSE_COLOUR, SHAPE_NOUNS
 from promptbench.data.synthetic.render import SHAPES, TEXTURES, Scene, render, sample_scene
 
 # Bump whenever rendering, sampling or a task definition changes: materialised tasks are then rebuilt.
@@ -68,8 +68,8 @@ SHAPE_COLOUR_CLASSES = tuple(
 )
 
 
-# Shades that captions usually call by their coarse colour (captions.COARSE_COLOUR), with those coarse colours.
-SHADE_CLASSES = ("blue", "cyan", "gold", "green", "lime", "maroon", "navy", "red", "teal", "yellow")
+# Shades that captions usually call by their coarse colour, with those coarse colours.
+SHADE_CLASSES = tuple(sorted({*COARSE_COLOUR, *COARSE_COLOUR.values()}))
 
 
 def _single_object_scene(rng: np.random.Generator, **fixed) -> Scene:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -74,3 +76,35 @@ def run_py(args: list[str], env: dict[str, str], timeout: int = 300) -> subproce
 
 def find_results(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) | {"_dir": str(p.parent)} for p in sorted(root.rglob("results.json"))]
+
+
+@functools.lru_cache(maxsize=None)
+def composed(overrides: tuple[str, ...]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from promptbench.config import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def build_method(name: str, backbone, classnames, templates, *, overrides: Sequence[str] = (), **options):
+    """A method exactly as a run builds it: its conf/method yaml (and optim) with `overrides` (Hydra syntax, e.g.
+    "optim.optimizer.lr=0.05") composed, then the method `options` (Python values) set on top."""
+    from omegaconf import OmegaConf
+
+    from promptbench.runner import build
+
+    cfg = composed((f"method={name}", *overrides))
+    node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True) | options)
+    optim = build(cfg.optim) if cfg.get("optim") else None
+    return build(node, backbone=backbone, classnames=list(classnames), templates=list(templates), optim=optim,
+                       _convert_="partial")
+
+
+def epochs_of(name: str, *overrides: str) -> int | None:
+    """The trainer.max_epochs a run of `method=name` gets."""
+    return composed((f"method={name}", *overrides)).trainer.max_epochs

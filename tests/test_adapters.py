@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -10,19 +9,16 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-
-from conftest import REPO, find_results, run_py
+from conftest import REPO, build_method, epochs_of, find_results, run_py
+from promptbench.contract import FeatureSet, Views
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.datasets import FolderDataset
-from promptbench.data.features import FeatureSet, FeatureStore
+from promptbench.data.features import FeatureStore
 from promptbench.errors import PromptbenchError
-from promptbench.methods.clip_adapter import CLIPAdapter, ResidualAdapter
-from promptbench.methods.linear_probe import LinearProbe, search_c
+from promptbench.methods.clip_adapter import ResidualAdapter
+from promptbench.methods.linear_probe import search_c
 from promptbench.methods.prompts import text_classifier
-from promptbench.methods.tip_adapter import (
-    PUBLISHED_SETTINGS, TipAdapter, TipAdapterF, TipSettings, reference_grid, search_alpha_beta,
-)
+from promptbench.methods.tip_adapter import reference_grid, search_alpha_beta
 from promptbench.protocols import FewShot
 
 CLASSES = ["blue", "green", "red"]
@@ -53,9 +49,8 @@ def store(tmp_path_factory):
 
 def datamodule_for(method, task, backbone, store) -> FewShotDataModule:
     store.sets_seen.clear()
-    return FewShotDataModule(task, backbone, method.input_kind, device=torch.device("cpu"), feature_store=store,
-                             batch_size=method.batch_size, eval_batch_size=16, seed=1,
-                             train_views=method.train_views)
+    return FewShotDataModule(task.sets(), task.source, backbone, method.contract(), device=torch.device("cpu"),
+                             feature_store=store, eval_batch_size=16, seed=1)
 
 
 class LossHistory(L.Callback):
@@ -66,9 +61,11 @@ class LossHistory(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(method, datamodule) -> LossHistory:
+def fit(method, datamodule, epochs: int) -> LossHistory:
+    """What the runner does for a method that trains: prepare, then fit."""
     history = LossHistory()
-    trainer = L.Trainer(max_epochs=method.max_epochs, accelerator="cpu", devices=1, logger=False,
+    method.prepare(datamodule.provider)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[history])
     trainer.fit(method, datamodule=datamodule)
@@ -94,7 +91,7 @@ def loop_tip_logits(features, text, keys, labels, alpha, beta, classes, scale=10
 
 
 def test_tip_logits_match_a_straightforward_implementation(tiny_backbone):
-    method = TipAdapter(tiny_backbone, CLASSES, TEMPLATES, init_alpha=1.7, init_beta=5.5)
+    method = build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES, init_alpha=1.7, init_beta=5.5)
     generator = torch.Generator().manual_seed(0)
     dim = tiny_backbone.embed_dim
     keys = F.normalize(torch.randn(7, dim, generator=generator), dim=-1)
@@ -128,7 +125,8 @@ def test_alpha_beta_search_matches_the_reference_loop():
     affinity = features @ keys.T
     alpha, beta, correct = search_alpha_beta(text_logits, affinity, values, labels, alphas, betas)
     assert (alpha, beta) == pytest.approx(reference_search(text_logits, affinity, values, labels, alphas, betas))
-    assert 0 <= correct <= 40
+    chosen = (text_logits + alpha * torch.exp(-beta * (1 - affinity)) @ values).argmax(-1)
+    assert correct == int((chosen == labels).sum())
 
 
 def test_reference_grid():
@@ -138,13 +136,14 @@ def test_reference_grid():
 
 
 def test_tip_searches_on_val_only_and_saves_its_cache(tiny_backbone, task, store, tmp_path):
-    method = TipAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha_max=4.0, beta_max=6.0, cache_views=2)
+    method = build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES, alpha_max=4.0, beta_max=6.0,
+                          views={"n": 2, "scale": [0.5, 1.0]})
     datamodule = datamodule_for(method, task, tiny_backbone, store)
-    method.prepare(datamodule)
+    method.prepare(datamodule.provider)
     assert set(store.sets_seen) == {"train", "val"}, "the search must never read the test split"
     assert method.cache_keys.shape == (len(task.train), tiny_backbone.embed_dim)
     # The chosen pair is the reference search's pick on the val features.
-    val = datamodule.feature_set("val")
+    val = datamodule.features("val")
     features = F.normalize(val.features, dim=-1)
     expected = reference_search(100 * features @ method.classifier().T, features @ method.cache_keys.T,
                                 F.one_hot(method.cache_labels, 3).float(), val.labels,
@@ -153,7 +152,7 @@ def test_tip_searches_on_val_only_and_saves_its_cache(tiny_backbone, task, store
     assert method.run_notes()["searched_on"] == "val"
 
     method.save_learned(tmp_path / "tip.safetensors")
-    reloaded = TipAdapter(tiny_backbone, CLASSES, TEMPLATES)
+    reloaded = build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES)
     reloaded.load_learned(tmp_path / "tip.safetensors")
     probe = torch.randn(4, tiny_backbone.embed_dim)
     torch.testing.assert_close(reloaded(probe), method(probe))
@@ -163,37 +162,37 @@ def test_tip_searches_on_val_only_and_saves_its_cache(tiny_backbone, task, store
 
 def test_tip_without_cache_and_bad_options_are_clear_errors(tiny_backbone):
     with pytest.raises(PromptbenchError, match="no cache yet"):
-        TipAdapter(tiny_backbone, CLASSES, TEMPLATES)(torch.randn(2, tiny_backbone.embed_dim))
+        build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES)(torch.randn(2, tiny_backbone.embed_dim))
     with pytest.raises(PromptbenchError, match="alpha_max must be > 0.1"):
-        TipAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha_max=0.05)
-    with pytest.raises(PromptbenchError, match="scale"):
-        TipAdapter(tiny_backbone, CLASSES, TEMPLATES, cache_scale=(0.5, 2.0))
+        build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES, alpha_max=0.05)
+    with pytest.raises(PromptbenchError, match="views.scale"):
+        build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES, views={"n": 2, "scale": [0.5, 2.0]})
 
 
-def test_dataset_configs_agree_with_the_published_tip_table():
-    fields = {field.name for field in dataclasses.fields(TipSettings)}
-    for path in sorted((REPO / "conf" / "dataset").glob("*.yaml")):
-        config = OmegaConf.to_container(OmegaConf.load(path))
-        given = (config.get("hparams") or {}).get("tip_adapter")
-        if given is None:
-            assert config["name"] not in PUBLISHED_SETTINGS, f"{path.name}: add the published hparams.tip_adapter"
-            continue
-        assert set(given) <= fields, f"{path.name}: unknown tip_adapter settings {set(given) - fields}"
-        if config["name"] in PUBLISHED_SETTINGS:
-            assert TipSettings(**given) == PUBLISHED_SETTINGS[config["name"]], path.name
+@pytest.mark.parametrize("method", ["tip_adapter", "tip_adapter_f"])
+def test_the_published_settings_come_from_the_recipe_of_each_dataset(method, tiny_backbone):
+    # gaopengcuhk/Tip-Adapter configs/dtd.yaml and eurosat.yaml: init_alpha, search_scale = [beta_max, alpha_max].
+    dtd = build_method(method, tiny_backbone, CLASSES, TEMPLATES, overrides=["dataset=dtd"])
+    assert (float(dtd.alpha), float(dtd.beta), float(dtd.alpha_grid[1] - dtd.alpha_grid[0])) == pytest.approx(
+        (2.0, 1.0, (13.0 - 0.1) / 20))
+    plain = build_method(method, tiny_backbone, CLASSES, TEMPLATES, overrides=["dataset=folder"])
+    assert (float(plain.alpha), float(plain.beta_grid[-1])) == pytest.approx((1.0, 0.1 + 199 * 9.9 / 200))
+    if method == "tip_adapter_f":
+        assert (epochs_of(method, "dataset=eurosat"), epochs_of(method, "dataset=dtd")) == (100, 20)
+        assert epochs_of(method, "dataset=eurosat", "trainer.max_epochs=3") == 3
 
 
 # ---- Tip-Adapter-F ---------------------------------------------------------------------------------------
 def test_tip_f_trains_only_the_keys_and_selects_on_val(tiny_backbone, task, store):
-    method = TipAdapterF(tiny_backbone, CLASSES, TEMPLATES, max_epochs=6, lr=0.01, cache_views=2, train_views=1,
-                         beta_max=6.0, beta_steps=20)
+    method = build_method("tip_adapter_f", tiny_backbone, CLASSES, TEMPLATES, overrides=["optim.optimizer.lr=0.01"],
+                          views={"n": 2, "scale": [0.5, 1.0]}, train_views={"n": 1, "scale": [0.5, 1.0]},
+                          beta_max=6.0, beta_steps=20)
     datamodule = datamodule_for(method, task, tiny_backbone, store)
     backbone_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
-    history = fit(method, datamodule)
+    history = fit(method, datamodule, epochs=6)
     assert set(store.sets_seen) == {"train", "val"}, "the epoch and alpha/beta must be chosen without the test split"
     assert len(history.losses) == 6 and history.losses[-1] < history.losses[0]
-    initial_keys = F.normalize(datamodule.feature_set("train", datamodule.augmentation((0.5, 1.0)), views=2).features,
-                               dim=-1)
+    initial_keys = F.normalize(datamodule.views("train", Views(2, (0.5, 1.0))).mean().features, dim=-1)
     assert not torch.allclose(method.cache_keys, initial_keys), "the keys should have been trained"
     trainable = [name for name, p in method.named_parameters() if p.requires_grad]
     assert trainable == ["cache_keys"]
@@ -204,10 +203,10 @@ def test_tip_f_trains_only_the_keys_and_selects_on_val(tiny_backbone, task, stor
 
 
 def test_tip_f_paper_parity_reads_the_test_split(tiny_backbone, task, store):
-    method = TipAdapterF(tiny_backbone, CLASSES, TEMPLATES, max_epochs=2, cache_views=2, paper_parity=True,
-                         beta_steps=10)
+    method = build_method("tip_adapter_f", tiny_backbone, CLASSES, TEMPLATES, views={"n": 2, "scale": [0.5, 1.0]},
+                          train_views={"n": 2, "scale": [0.5, 1.0]}, paper_parity=True, beta_steps=10)
     datamodule = datamodule_for(method, task, tiny_backbone, store)
-    fit(method, datamodule)
+    fit(method, datamodule, epochs=2)
     assert "test" in store.sets_seen
     notes = method.run_notes()
     assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
@@ -225,7 +224,7 @@ def test_clip_adapter_residual_math(tiny_backbone):
     torch.testing.assert_close(adapter(x), expected)
     assert all(layer.bias is None for layer in (adapter.mlp[0], adapter.mlp[2]))
 
-    method = CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, ratio=0.3, reduction=2)
+    method = build_method("clip_adapter", tiny_backbone, CLASSES, TEMPLATES, ratio=0.3, reduction=2)
     features = torch.randn(3, tiny_backbone.embed_dim)
     adapted = method.adapter(features)
     classifier = text_classifier(tiny_backbone, CLASSES, TEMPLATES)
@@ -238,11 +237,11 @@ def test_clip_adapter_residual_math(tiny_backbone):
 
 
 def test_clip_adapter_trains_only_the_adapter(tiny_backbone, task, store):
-    method = CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, max_epochs=5, train_views=1, lr=0.05, warmup_epochs=0,
-                         batch_size=32)
+    method = build_method("clip_adapter", tiny_backbone, CLASSES, TEMPLATES,
+                          overrides=["optim.optimizer.lr=0.05", "optim.warmup=0"], views={"n": 1, "scale": [0.08, 1.0]})
     datamodule = datamodule_for(method, task, tiny_backbone, store)
     before = {k: v.clone() for k, v in method.state_dict().items()}
-    history = fit(method, datamodule)
+    history = fit(method, datamodule, epochs=5)
     assert history.losses[-1] < history.losses[0]
     changed = {k for k, v in method.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("adapter.") for k in changed)
@@ -251,9 +250,9 @@ def test_clip_adapter_trains_only_the_adapter(tiny_backbone, task, store):
 
 def test_clip_adapter_options_are_checked(tiny_backbone):
     with pytest.raises(PromptbenchError, match="reduction"):
-        CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, reduction=0)
+        build_method("clip_adapter", tiny_backbone, CLASSES, TEMPLATES, reduction=0)
     with pytest.raises(PromptbenchError, match="does not take option"):
-        CLIPAdapter(tiny_backbone, CLASSES, TEMPLATES, alpha=1.0)
+        build_method("clip_adapter", tiny_backbone, CLASSES, TEMPLATES, alpha=1.0)
 
 
 # ---- linear probe ----------------------------------------------------------------------------------------
@@ -283,12 +282,12 @@ def test_linear_probe_picks_a_sensible_c_on_separable_features(tiny_backbone, cl
     sets = {name: clusters(dim, n, generator, classes) for name, n in (("train", 5), ("val", 4), ("test", 40))}
     seen = []
 
-    def feature_set(name, *args, **kwargs):
+    def features(name):
         seen.append(name)
         return sets[name]
 
-    method = LinearProbe(tiny_backbone, CLASSES[:classes], TEMPLATES, search_rounds=3)
-    method.prepare(SimpleNamespace(feature_set=feature_set))
+    method = build_method("linear_probe", tiny_backbone, CLASSES[:classes], TEMPLATES, search_rounds=3)
+    method.prepare(SimpleNamespace(features=features))
     assert sorted(set(seen)) == ["train", "val"]
     # Strong regularisation (C=1e-6) flattens the classifier to chance: the search must not pick it.
     assert method.run_notes()["val_top1"] == 100.0 and float(method.c) >= 1e-2
@@ -305,14 +304,14 @@ METHODS = ("tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe")
 
 def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, tmp_path):
     result = run_py(["-m", f"method={','.join(METHODS)}", "backbone=tiny", "dataset=folder",
-                     f"dataset.root={toy_root}", "shots=2", "logger=none", "num_workers=0", "++method.max_epochs=2"],
+                     f"dataset.root={toy_root}", "shots=2", "logger=none", "num_workers=0", "trainer.max_epochs=2"],
                     run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     results = {r["method"]: r for r in find_results(tmp_path / "outputs")}
     assert sorted(results) == sorted(METHODS)
     for name, payload in results.items():
-        assert payload["status"] == "completed" and 0 <= payload["metrics"]["test"]["top1"] <= 100, name
-        assert payload["metrics"]["test"]["n"] == 18
+        assert payload["status"] == "completed" and payload["metrics"]["test"]["n"] == 18, name
+        assert payload["training"] == ({"epochs": 2, "steps": 2} if name in ("tip_adapter_f", "clip_adapter") else None)
     # The sweep runs in this order: Tip-Adapter-F finds every feature it needs in Tip-Adapter's cache.
     assert results["tip_adapter_f"]["feature_cache"]["extractions"] == 0
     assert results["tip_adapter_f"]["method_notes"]["paper_parity"] is False
@@ -320,7 +319,7 @@ def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, t
 
 
 def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
-    result = run_py(["method=tip_adapter_f", "method.paper_parity=true", "method.max_epochs=1", "method.cache_views=1",
+    result = run_py(["method=tip_adapter_f", "method.paper_parity=true", "trainer.max_epochs=1", "method.views.n=1",
                      "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2", "logger=none",
                      "num_workers=0"], run_env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -329,10 +328,8 @@ def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
     assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
 
 
-@pytest.mark.parametrize("method_class,options", [
-    (TipAdapter, {}), (TipAdapterF, {"max_epochs": 5}), (CLIPAdapter, {"max_epochs": 5}), (LinearProbe, {}),
-], ids=["tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe"])
-def test_each_method_beats_chance_on_a_small_learnable_task(method_class, options, tmp_path_factory):
+@pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe"])
+def test_each_method_beats_chance_on_a_small_learnable_task(name, tmp_path_factory):
     """The mini world's texture task with the bundled mini CLIP: 9 classes, 4 shots per class."""
     import random
 
@@ -343,13 +340,13 @@ def test_each_method_beats_chance_on_a_small_learnable_task(method_class, option
     random.seed(1)
     few = FewShot().build(dataset, 4)
     backbone = load_backbone("mini", "promptbench-mini", "bundled")
-    method = method_class(backbone, few.train.classnames, few.train.templates, **options)
+    method = build_method(name, backbone, few.train.classnames, few.train.templates)
     datamodule = datamodule_for(method, few, backbone, RecordingStore(tmp_path_factory.mktemp("features")))
     if method.trains:
-        fit(method, datamodule)
+        fit(method, datamodule, epochs=5)
     else:
-        method.prepare(datamodule)
-    test = datamodule.feature_set("test")
+        method.prepare(datamodule.provider)
+    test = datamodule.features("test")
     with torch.no_grad():
         accuracy = (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
     assert accuracy > 2 / len(few.train.classnames), accuracy

@@ -5,9 +5,9 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 
-def coop_epochs(shots: int, dataset: str) -> int:
-    """CoOp's schedule: 1 shot 50 epochs, 2-4 shots 100, 8+ shots 200; ImageNet 50 for every shot count."""
-    if dataset == "imagenet" or shots <= 1:
+def coop_epochs(shots: int) -> int:
+    """CoOp's schedule by shot count: 1 shot 50 epochs, 2-4 shots 100, 8+ shots 200 (ImageNet: its recipe)."""
+    if shots <= 1:
         return 50
     return 100 if shots <= 4 else 200
 

@@ -1,4 +1,4 @@
-"""Compose -> seed -> build backbone, task, method -> fit or prepare -> evaluate -> results.json.
+"""One job in named stages: build -> skip-if-done -> fit or prepare -> evaluate -> write (results.json).
 
 The runner knows nothing about any particular method, dataset or protocol: it relies on the `Method`
 contract (methods/base.py) and the `Task` a protocol builds.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-import warnings
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from promptbench.console import EpochProgress, quiet_libraries, trainer_output
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.features import FeatureStore
 from promptbench.errors import PromptbenchError
@@ -41,8 +42,6 @@ from promptbench.results import (
 )
 
 log = logging.getLogger(__name__)
-# The frozen CLIP towers stay in eval mode on purpose (Backbone.train never switches them): not worth a warning.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 LEARNED_FILE = "learned.safetensors"
 # The reference CoOp runs the whole CLIP in half precision; Lightning calls that "16-true".
 PRECISION_ALIASES = {"fp16-pure": "16-true"}
@@ -127,7 +126,7 @@ def refuse_untransferable(method: Method, task: Task, protocol: str) -> None:
 
 
 # Options that change where, how fast or how a run is logged, never its numbers: ignored when deciding "already done".
-NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", "time_budget_min", "speed")
+NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", "time_budget_min", "speed", "verbose")
 
 
 def result_relevant(config: dict[str, Any]) -> dict[str, Any]:
@@ -181,87 +180,111 @@ def record_failure(cfg: DictConfig, run_dir: str | Path, error: BaseException) -
     })
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one job described by a composed config; returns (and writes) the results payload.
+@dataclass
+class Job:
+    """Everything one run builds; the stages below read and fill it."""
 
-    An identical completed run in the same directory is not repeated: its results are returned.
-    """
-    run_dir = Path(run_dir)
-    timer = PhaseTimer()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with timer("build/backbone"):
-        backbone = build(cfg.backbone).accelerate(**cfg.get("speed", {}))
-    previous = completed_run(cfg, run_dir, backbone.fingerprint)
-    if previous is not None:
-        print(f"skipped: {run_dir / RESULTS_FILE} already holds this configuration's results")
-        return previous | {"skipped": True}
+    cfg: DictConfig
+    run_dir: Path
+    timer: PhaseTimer
+    started_at: str
+    backbone: Any
+    task: Task | None = None
+    method: Method | None = None
+    trainer: L.Trainer | None = None
+    datamodule: FewShotDataModule | None = None
+    feature_store: FeatureStore | None = None
+    resumable: ResumableTraining | None = None
+    loggers: list[Any] = field(default_factory=list)
+    resumed: bool = False
+    epochs_run: int | None = None
+
+
+def check_run_options(cfg: DictConfig, method: Method) -> None:
+    """Refuse, before anything runs, the combinations that would write results of an untrained model."""
+    if method.uses_train_data and not cfg.eval_only and int(cfg.shots) < 1:
+        raise PromptbenchError(f"method '{method.name}' learns from the training images: shots={cfg.shots} gives it "
+                               f"none. Use shots >= 1, or method=zeroshot for a run without training data.")
+    if cfg.eval_only and method.uses_train_data and not cfg.ckpt_path:
+        raise PromptbenchError(f"eval_only=true evaluates learned parameters, but ckpt_path is not set: pass "
+                               f"ckpt_path=<run dir>/{LEARNED_FILE} of a finished '{method.name}' run")
+    epochs = cfg.trainer.get("max_epochs")
+    if method.trains and not cfg.eval_only and (epochs is None or int(epochs) < 1):
+        raise PromptbenchError(f"method '{method.name}' trains: trainer.max_epochs must be >= 1, got {epochs}")
+
+
+def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, started_at: str) -> Job:
+    """Stage 1 (after the backbone): task, method, trainer, data module, loggers."""
+    job = Job(cfg, run_dir, timer, started_at, backbone)
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dataset = build(cfg.dataset)
-        task: Task = build(cfg.protocol).build(dataset, cfg.shots)
+        job.task = build(cfg.protocol).build(dataset, cfg.shots)
     with timer("build/method"):
-        method: Method = build(
-            cfg.method, backbone=backbone, classnames=task.train.classnames, templates=task.train.templates
-        )
-    refuse_untransferable(method, task, cfg.protocol.name)
-    loggers = build_loggers(cfg)
-    resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
-                                  cfg.get("time_budget_min"))
+        optim = build(cfg.optim) if cfg.get("optim") else None
+        job.method = build(cfg.method, backbone=backbone, classnames=job.task.train.classnames,
+                           templates=job.task.train.templates, optim=optim)
+    check_run_options(cfg, job.method)
+    refuse_untransferable(job.method, job.task, cfg.protocol.name)
+    job.loggers = build_loggers(cfg)
+    job.resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
+                                      cfg.get("time_budget_min"))
     if cfg.get("overwrite"):
-        resumable.discard()
+        job.resumable.discard()
     precision = PRECISION_ALIASES.get(str(cfg.precision), str(cfg.precision))
-    trainer: L.Trainer = build(
+    verbose = bool(cfg.get("verbose"))
+    what = f"{job.method.name} on {job.task.source} ({backbone.name}, {cfg.shots} shots, seed {cfg.seed})"
+    callbacks = [job.resumable] + ([] if verbose else [EpochProgress(what)]) if job.method.trains else []
+    job.trainer = build(
         cfg.trainer,
         default_root_dir=str(run_dir),
         precision=precision,
-        logger=loggers or False,
-        max_epochs=max(method.max_epochs, 1),
-        callbacks=[resumable] if method.trains else [],
+        logger=job.loggers or False,
+        callbacks=callbacks,
         # Under SLURM the launcher (submitit) re-queues preempted jobs; Lightning must not re-queue them too.
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [],
+        **trainer_output(verbose),
     )
-    feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
-    datamodule = FewShotDataModule(
-        task, backbone, method.input_kind,
-        device=trainer.strategy.root_device, feature_store=feature_store, precision=precision,
-        batch_size=method.batch_size, eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed, train_views=method.train_views,
+    job.feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
+    job.datamodule = FewShotDataModule(
+        job.task.sets(), job.task.source, backbone, job.method.contract(),
+        device=job.trainer.strategy.root_device, feature_store=job.feature_store, precision=precision,
+        eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+        skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed,
         train_crop_scale=cfg.train_crop_scale,
     )
+    return job
 
-    status = "failed"
-    resume_from = None
-    try:
-        if cfg.ckpt_path:
-            method.load_learned(cfg.ckpt_path)
-        if not cfg.eval_only:
-            with timer("fit"):
-                if method.trains:
-                    resume_from = resumable.resume_path()
-                    try:
-                        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from)
-                    except SIGTERMException:
-                        pass  # Lightning stops on SIGTERM by exiting with status 0: report it as an interruption
-                    resumable.raise_if_interrupted(trainer)
-                else:
-                    method.prepare(datamodule)
-            if method.learned_state() and trainer.is_global_zero:
-                method.save_learned(run_dir / LEARNED_FILE)
-        metrics, predictions = evaluate(trainer, method, datamodule, task, timer)
-        for logger in loggers:
-            logger.log_metrics({f"{name}/{key}": value for name, values in metrics.items() for key, value in values.items()})
-        status = "success"
-    finally:
-        close_loggers(loggers, status)
 
-    if not trainer.is_global_zero:
-        return {"status": "completed", "rank": trainer.global_rank}  # rank 0 writes the run's files
+def fit_or_prepare(job: Job) -> None:
+    """Stage 3: load a checkpoint if given; unless eval_only, `prepare` the method and train it if it trains."""
+    cfg, method, trainer = job.cfg, job.method, job.trainer
+    if cfg.ckpt_path:
+        method.load_learned(cfg.ckpt_path)
+    if cfg.eval_only:
+        return
+    with job.timer("fit"):
+        method.prepare(job.datamodule.provider)
+        if method.trains:
+            resume_from = job.resumable.resume_path()
+            job.resumed = resume_from is not None
+            try:
+                trainer.fit(method, datamodule=job.datamodule, ckpt_path=resume_from)
+            except SIGTERMException:
+                pass  # Lightning stops on SIGTERM by exiting with status 0: report it as an interruption
+            job.resumable.raise_if_interrupted(trainer)
+            job.epochs_run = trainer.current_epoch
+    if method.learned_state() and trainer.is_global_zero:
+        method.save_learned(job.run_dir / LEARNED_FILE)
 
+
+def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Stage 5: predictions (if asked), results.json, the job's summary."""
+    cfg, method, task, backbone, trainer = job.cfg, job.method, job.task, job.backbone, job.trainer
     if cfg.save_predictions:
-        with atomic_path(run_dir / PREDICTIONS_FILE) as tmp:
+        with atomic_path(job.run_dir / PREDICTIONS_FILE) as tmp:
             torch.save(predictions, tmp)
-
     payload = {
         "status": "completed",
         "method": method.name,
@@ -271,13 +294,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "shots": cfg.shots if method.uses_train_data else 0,
         "seed": cfg.seed,
         "eval_only": bool(cfg.eval_only),
-        "resumed_from_checkpoint": bool(method.trains and not cfg.eval_only and resume_from is not None),
+        "resumed_from_checkpoint": job.resumed,
+        "training": {"epochs": job.epochs_run, "steps": trainer.global_step} if job.epochs_run is not None else None,
         "metrics": metrics,
         "method_notes": method.run_notes(),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
-        "feature_cache": {"extractions": feature_store.extractions, "hits": feature_store.hits},
-        "timings_s": timer.seconds,
-        "started_at": started_at,
+        "feature_cache": {"extractions": job.feature_store.extractions, "hits": job.feature_store.hits},
+        "timings_s": job.timer.seconds,
+        "started_at": job.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "git_commit": git_commit(),
@@ -285,9 +309,40 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "device": device_info(trainer.strategy.root_device),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    path = write_results(run_dir, payload)
-    resumable.discard()  # the run is complete: its results, not its checkpoints, are what a re-run reuses
+    path = write_results(job.run_dir, payload)
+    job.resumable.discard()  # the run is complete: its results, not its checkpoints, are what a re-run reuses
     print(f"\n{method.name} on {task.source} ({backbone.name}, {cfg.shots} shots, seed {cfg.seed}):")
     print(summary_table(metrics))
     print(f"results: {path}")
     return payload
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one job: build -> skip-if-done -> fit or prepare -> evaluate -> write. Returns the results payload.
+
+    An identical completed run in the same directory is not repeated: its results are returned.
+    """
+    quiet_libraries(bool(cfg.get("verbose")))
+    run_dir = Path(run_dir)
+    timer = PhaseTimer()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with timer("build/backbone"):
+        backbone = build(cfg.backbone).accelerate(**cfg.get("speed", {}))
+    # Skip-if-done compares the backbone's weights too, so it comes right after the backbone is built.
+    previous = completed_run(cfg, run_dir, backbone.fingerprint)
+    if previous is not None:
+        print(f"skipped: {run_dir / RESULTS_FILE} already holds this configuration's results")
+        return previous | {"skipped": True}
+    job = build_job(cfg, run_dir, backbone, timer, started_at)
+    status = "failed"
+    try:
+        fit_or_prepare(job)
+        metrics, predictions = evaluate(job.trainer, job.method, job.datamodule, job.task, timer)
+        for logger in job.loggers:
+            logger.log_metrics({f"{name}/{key}": value for name, values in metrics.items() for key, value in values.items()})
+        status = "success"
+    finally:
+        close_loggers(job.loggers, status)
+    if not job.trainer.is_global_zero:
+        return {"status": "completed", "rank": job.trainer.global_rank}  # rank 0 writes the run's files
+    return write(job, metrics, predictions)

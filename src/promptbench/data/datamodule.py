@@ -1,4 +1,9 @@
-"""The LightningDataModule of a run: images or cached frozen features, for every set of the Task."""
+"""The LightningDataModule of a run: it supplies what the method's `DataContract` names, nothing else.
+
+Loaders yield transformed images or cached frozen features (`contract.inputs`); a "features" method that
+trains gets its cached augmented `train_views`; `provider` hands `Method.prepare` the features of the
+sets the contract `reads`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from promptbench.backbones import Backbone
-from promptbench.data.features import (
-    AugmentedViews, FeatureSet, FeatureStore, FeatureViews, SeededViewDataset, extract_features, files_digest, view_seed,
-)
+from promptbench.contract import DataContract, FeatureSet, FeatureViews, Views
+from promptbench.data.features import FeatureStore, SeededViewDataset, extract_features, files_digest, view_seed
 from promptbench.data.loading import collate_skipping_bad, image_loader
 from promptbench.data.transforms import DEFAULT_CROP_SCALE, test_transform, train_transform
 from promptbench.errors import PromptbenchError
-from promptbench.methods.base import InputKind
-from promptbench.protocols import Task
+from promptbench.data.items import LabeledSet
 
 
 class ViewPerEpochSampler(Sampler[int]):
@@ -91,64 +94,56 @@ class EpochAugmentedImages(torch.utils.data.Dataset):
 class FewShotDataModule(L.LightningDataModule):
     def __init__(
         self,
-        task: Task,
+        sets: dict[str, LabeledSet],
+        source: str,
         backbone: Backbone,
-        input_kind: InputKind,
+        contract: DataContract,
         *,
         device: torch.device,
         feature_store: FeatureStore,
         precision: str = "32",
-        batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
         skip_bad_images: bool = False,
         seed: int = 0,
-        train_views: AugmentedViews | None = None,
         train_crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
     ):
         super().__init__()
-        self.task = task
+        self.sets = dict(sets)
+        self.source = source
         self.backbone = backbone
-        self.input_kind = input_kind
+        self.contract = contract
         self.device = device
         self.feature_store = feature_store
         self.precision = str(precision)
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.skip_bad_images = skip_bad_images
         self.seed = seed
-        # For "features" methods that train: the augmented views their train loader cycles through.
-        self.train_views = train_views
-        self.sets = task.sets()
+        unknown = [name for name in contract.reads if name not in self.sets]
+        if unknown:
+            raise PromptbenchError(f"the method reads set(s) {unknown}, which this protocol does not have "
+                                   f"(sets: {sorted(self.sets)})")
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
         self.test_transform = test_transform(size, mean, std)
         self.train_transform = train_transform(size, mean, std, scale=tuple(train_crop_scale))
 
+    @property
+    def provider(self) -> "ContractFeatures":
+        """Features of the sets the contract reads, for `Method.prepare`."""
+        return ContractFeatures(self, self.contract.reads)
+
     # ---- features ----------------------------------------------------------------------------------
-    def augmentation(self, scale: Sequence[float]) -> Callable:
-        """RandomResizedCrop(scale) + flip at the backbone's resolution (Tip-Adapter's cache: scale (0.5, 1))."""
-        size, mean, std = self.backbone.image_size, self.backbone.mean, self.backbone.std
-        return train_transform(size, mean, std, scale=tuple(scale))
+    def features(self, name: str) -> FeatureSet:
+        """Test-transform features of a set, from the cache when the same inputs were encoded before."""
+        return self._cached_view(name, self.test_transform, view=None)
 
-    def feature_set(self, name: str, transform: Callable | None = None, views: int = 1) -> FeatureSet:
-        """Frozen features of a set, from the cache when the same inputs were encoded before.
-
-        Without a transform: the deterministic test transform. With an augmenting transform: the raw
-        features averaged over `views` cached augmented views.
-        """
-        if transform is None or transform is self.test_transform:
-            if views != 1:
-                raise PromptbenchError(f"feature_set('{name}'): views={views} needs an augmenting transform")
-            return self._cached_view(name, self.test_transform, view=None)
-        return self.feature_views(name, transform, views).mean()
-
-    def feature_views(self, name: str, transform: Callable, views: int) -> FeatureViews:
-        """Features of `views` augmented views of a set, each cached on its own (view i is the same in every run
-        with this seed, so asking for more views later only extracts the new ones)."""
-        if views < 1:
-            raise PromptbenchError(f"feature_views('{name}'): views must be >= 1, got {views}")
-        return FeatureViews.stack([self._cached_view(name, transform, view) for view in range(views)])
+    def views(self, name: str, views: Views) -> FeatureViews:
+        """Features of `views.n` augmented views of a set, each cached on its own (view i is the same in every
+        run with this seed, so asking for more views later only extracts the new ones)."""
+        augmentation = train_transform(self.backbone.image_size, self.backbone.mean, self.backbone.std,
+                                       scale=views.scale)
+        return FeatureViews.stack([self._cached_view(name, augmentation, view) for view in range(views.n)])
 
     def _cached_view(self, name: str, transform: Callable, view: int | None) -> FeatureSet:
         if name not in self.sets:
@@ -162,7 +157,7 @@ class FewShotDataModule(L.LightningDataModule):
             "view": view,
             "augment_seed": augment_seed,
             "files": files_digest(items),
-            "dataset": self.task.source,
+            "dataset": self.source,
             "set": name,
             "count": len(items),
         }
@@ -172,54 +167,65 @@ class FewShotDataModule(L.LightningDataModule):
             lambda: extract_features(
                 self.backbone, items, transform, device=self.device, precision=self.precision,
                 batch_size=self.eval_batch_size, num_workers=self.num_workers, augment_seed=augment_seed,
-                skip_bad_images=self.skip_bad_images, description=f"encoding {self.task.source}/{what}",
+                skip_bad_images=self.skip_bad_images, description=f"encoding {self.source}/{what}",
             ),
         )
 
-    def _feature_loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
-        features = self.feature_set(name)
-        dataset = TensorDataset(features.features, features.labels, features.index)
-        sampler = ViewPerEpochSampler(len(dataset), 1, self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-
+    # ---- loaders -----------------------------------------------------------------------------------
     def _image_train_loader(self) -> DataLoader:
         """Shuffle order and augmentations depend only on (seed, epoch, image), never on earlier epochs, so a
         run resumed from an epoch checkpoint sees exactly the batches an uninterrupted run would."""
         items = self.sets["train"].items
         dataset = EpochAugmentedImages(items, self.train_transform, self.skip_bad_images, self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=EpochKeyedSampler(len(items), self.seed),
+        return DataLoader(dataset, batch_size=self.contract.batch_size,
+                          sampler=EpochKeyedSampler(len(items), self.seed),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=collate_skipping_bad, pin_memory=torch.cuda.is_available())
 
-    def _augmented_feature_loader(self, views: AugmentedViews) -> DataLoader:
-        stacked = self.feature_views("train", self.augmentation(views.scale), views.count)
+    def _view_train_loader(self, views: Views) -> DataLoader:
+        stacked = self.views("train", views)
         items = stacked.features.shape[1]
         dataset = TensorDataset(
-            stacked.features.flatten(0, 1), stacked.labels.repeat(views.count), stacked.index.repeat(views.count)
+            stacked.features.flatten(0, 1), stacked.labels.repeat(views.n), stacked.index.repeat(views.n)
         )
-        sampler = ViewPerEpochSampler(items, views.count, self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
-
-    # ---- loaders -----------------------------------------------------------------------------------
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        batch_size = self.batch_size if train else self.eval_batch_size
-        if self.input_kind == "features":
-            if train and self.train_views is not None:
-                return self._augmented_feature_loader(self.train_views)
-            return self._feature_loader(name, shuffle=train, batch_size=batch_size)
-        if train:
-            return self._image_train_loader()
-        return image_loader(self.sets[name].items, self.test_transform, batch_size=batch_size,
-                            num_workers=self.num_workers, skip_bad_images=self.skip_bad_images)
+        sampler = ViewPerEpochSampler(items, views.n, self.seed)
+        return DataLoader(dataset, batch_size=self.contract.batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        if self.contract.inputs == "images":
+            return self._image_train_loader()
+        if self.contract.train_views is None:
+            raise PromptbenchError("a 'features' method that trains must declare the train_views it trains on")
+        return self._view_train_loader(self.contract.train_views)
 
     def eval_dataloader(self, name: str) -> DataLoader:
-        return self._loader(name, train=False)
+        if self.contract.inputs == "features":
+            features = self.features(name)
+            dataset = TensorDataset(features.features, features.labels, features.index)
+            return DataLoader(dataset, batch_size=self.eval_batch_size)
+        return image_loader(self.sets[name].items, self.test_transform, batch_size=self.eval_batch_size,
+                            num_workers=self.num_workers, skip_bad_images=self.skip_bad_images)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+class ContractFeatures:
+    """The `FeatureProvider` a method's `prepare` gets: features of the sets it declared, and only those."""
+
+    def __init__(self, datamodule: FewShotDataModule, reads: Sequence[str]):
+        self._datamodule = datamodule
+        self._reads = tuple(reads)
+
+    def _check(self, split: str) -> None:
+        if split not in self._reads:
+            raise PromptbenchError(f"the method read set '{split}', which its data contract does not declare "
+                                   f"(reads={list(self._reads)}); add it to the contract's reads")
+
+    def features(self, split: str) -> FeatureSet:
+        self._check(split)
+        return self._datamodule.features(split)
+
+    def views(self, split: str, views: Views) -> FeatureViews:
+        self._check(split)
+        return self._datamodule.views(split, views)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from promptbench.backbones import Backbone
+from promptbench.contract import FeatureSet
 from promptbench.data.items import Item
 from promptbench.data.loading import ImageDataset, collate_skipping_bad, image_loader
 from promptbench.errors import PromptbenchError
@@ -41,60 +42,6 @@ AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 FEATURE_SUFFIX = ".safetensors"
 # A temporary file older than this cannot belong to a writer that is still alive (save_file writes in one go).
 STALE_TEMPORARY_S = 3600
-
-
-@dataclass
-class FeatureSet:
-    """Features [N, D] (float32, not normalised) of the items that could be read, with labels and item indices."""
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"features": self.features, "labels": self.labels, "index": self.index}
-
-
-@dataclass
-class FeatureViews:
-    """Features [V, N, D] of V augmented views of the same items (same labels and indices in every view)."""
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-
-    @classmethod
-    def stack(cls, views: Sequence[FeatureSet]) -> "FeatureViews":
-        first = views[0]
-        if any(not torch.equal(view.index, first.index) for view in views[1:]):
-            raise PromptbenchError("augmented views of one set disagree on which images could be read (images changed "
-                                  "between extractions?); remove them with `promptbench cache rm --all` and rerun")
-        return cls(torch.stack([view.features for view in views]), first.labels, first.index)
-
-    @property
-    def count(self) -> int:
-        return self.features.shape[0]
-
-    def mean(self) -> FeatureSet:
-        """Raw features averaged over the views (Tip-Adapter's cache averages before normalising)."""
-        return FeatureSet(self.features.mean(dim=0), self.labels, self.index)
-
-
-@dataclass(frozen=True)
-class AugmentedViews:
-    """`count` augmented views (RandomResizedCrop(scale) + horizontal flip) of the train set, cached once."""
-
-    count: int
-    scale: tuple[float, float]
-
-    def __post_init__(self):
-        if int(self.count) < 1:
-            raise PromptbenchError(f"augmented views: count must be >= 1, got {self.count}")
-        low, high = (float(x) for x in self.scale)
-        if not 0 < low <= high <= 1:
-            raise PromptbenchError(f"augmented views: scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")
-        object.__setattr__(self, "count", int(self.count))
-        object.__setattr__(self, "scale", (low, high))
 
 
 def files_digest(items: Sequence[Item]) -> str:
@@ -168,7 +115,7 @@ def extract_features(
     labels = torch.tensor([item.label for item in items], dtype=torch.long)
     features: torch.Tensor | None = None
     seen = torch.zeros(len(items), dtype=torch.bool)
-    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=None):
         if batch is None:
             continue
         images, _, index = batch

@@ -1,53 +1,50 @@
 """The one method interface. The runner, metrics, logging and sweeps rely on this contract only.
 
-A method is a LightningModule built from (backbone, class names, templates, its config) and declares:
-- `input_kind`: "images" (it needs gradients or randomness through the image tower, e.g. CoOp) or
-  "features" (it works on frozen image features, which the runner extracts once and caches);
-- `trains`: True -> the runner calls `Trainer.fit`; False -> training-free, the runner calls `prepare`;
-- `uses_val`: True if it selects hyper-parameters on the few-shot val split;
+A method is a LightningModule built from (backbone, class names, templates, its config, and for methods
+that train the run's `Optimization` from conf/optim/) and declares:
+- `contract()`: the `DataContract` (contract.py) of what it consumes: images or frozen features, the
+  cached augmented views it trains on, the sets it reads in `prepare`, its training batch size;
+- `trains`: True -> the runner calls `Trainer.fit`; False -> training-free;
 - `transfers_to_new_classes`: False if its parameters are tied to the training classes;
-- `train_views` (instance attribute, "features" methods that train): train on cached augmented views of the
-  train set, a different view each epoch, instead of the test-transform features.
-`forward` maps a batch of inputs of that kind to logits over the current class set.
+- `uses_train_data`: False for methods that never look at the training images (reported at 0 shots).
+`prepare(provider)` runs before training for every method (build a cache, search hyper-parameters, fit a
+probe); `forward` maps a batch of the contract's inputs to logits over the current class set. A method
+never touches the data module, the trainer's data module or the runner: the provider is all it gets.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from promptbench.backbones import Backbone
-from promptbench.data.features import AugmentedViews
+from promptbench.contract import DataContract, FeatureProvider
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path, write_json_atomic
+from promptbench.methods.optim import Optimization
 
-InputKind = Literal["images", "features"]
 BACKBONE_PREFIX = "backbone."
 
 
 class Method(L.LightningModule):
     name: ClassVar[str]
-    input_kind: ClassVar[InputKind] = "images"
     trains: ClassVar[bool] = True
-    uses_val: ClassVar[bool] = False
     transfers_to_new_classes: ClassVar[bool] = True
-    # False for methods that never look at the training images (zero-shot): their runs are reported at 0 shots.
     uses_train_data: ClassVar[bool] = True
-    train_views: AugmentedViews | None = None
 
     def __init__(
         self,
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        max_epochs: int = 0,
-        batch_size: int = 32,
         name: str | None = None,
+        optim: Optimization | None = None,
         **unused: Any,
     ):
         super().__init__()
@@ -57,20 +54,26 @@ class Method(L.LightningModule):
             raise PromptbenchError(
                 f"method '{self.name}' does not take option(s) {sorted(unused)}; check conf/method/{self.name}.yaml"
             )
+        if self.trains and optim is None:
+            raise PromptbenchError(f"method '{self.name}' trains: it needs an optimiser config (optim=<name>, "
+                                   f"see conf/optim/)")
         self.backbone = backbone
         self.classnames = list(classnames)
         self.templates = list(templates)
-        self.max_epochs = int(max_epochs)
-        self.batch_size = int(batch_size)
+        self.optim = optim if self.trains else None
         # Checkpoints hold the learned parameters only; the frozen backbone is rebuilt from its config.
         self.strict_loading = False
 
     # ---- the contract -------------------------------------------------------------------------------
+    def contract(self) -> DataContract:
+        raise NotImplementedError
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def prepare(self, datamodule: L.LightningDataModule) -> None:
-        """Training-free fitting (e.g. building a cache, searching hyper-parameters on val). Default: none."""
+    def prepare(self, provider: FeatureProvider) -> None:
+        """Runs before training, for every method: build a cache, search hyper-parameters on val, fit a
+        probe, from the features of the sets the contract reads. Default: nothing."""
 
     def set_classes(self, classnames: Sequence[str], templates: Sequence[str]) -> None:
         """Re-target the method to another class set (cross-dataset, base-to-new, variants)."""
@@ -93,6 +96,39 @@ class Method(L.LightningModule):
         """Facts about this run that a reader of results.json must see (chosen hyper-parameters, and above all
         any selection that looked at the test split). The runner writes them as `method_notes`."""
         return {}
+
+    # ---- training: cross-entropy on the contract's train batches, the run's optimiser -----------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was unreadable and skipped
+            return None
+        inputs, labels, _ = batch
+        logits = self(inputs).float()
+        loss = F.cross_entropy(logits, labels)
+        self.stop_on_non_finite(loss)
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", accuracy, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """Never train on NaN/inf: stop with what happened and what to try."""
+        if torch.isfinite(loss):
+            return
+        precision = self.trainer.precision if self._trainer is not None else "unknown"
+        raise PromptbenchError(
+            f"method '{self.name}': non-finite training loss {loss.item()} at step {self.global_step} "
+            f"(epoch {self.current_epoch}, precision={precision}); training stopped. Try precision=32 or "
+            f"precision=bf16-mixed (the fp16 modes overflow more easily), or a lower learning rate "
+            f"(optim.optimizer.lr={self.optim.lr if self.optim else None})."
+        )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        return self.optim.configure(self.trainable_parameters(), trainer.max_epochs,
+                                    lambda: trainer.estimated_stepping_batches)
 
     # ---- shared Lightning plumbing ------------------------------------------------------------------
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor] | None:

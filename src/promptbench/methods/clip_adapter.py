@@ -7,27 +7,27 @@ f is the raw image feature; W_text the hand-crafted prompt classifier. Only the 
 augmented views of the train set (a different view each epoch). The classifier is text, so the method moves
 to new class sets. The reference (gaopengcuhk/CLIP-Adapter, a Dassl trainer run with CoOp's configs) trains
 with SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, 200 epochs, cosine per epoch after one warm-up
-epoch at a constant 1e-5, CoOp's augmentation (RandomResizedCrop scale (0.08, 1) + flip), last epoch kept.
+epoch at a constant 1e-5, CoOp's augmentation (RandomResizedCrop scale (0.08, 1) + flip), last epoch kept
+(conf/method/clip_adapter.yaml, conf/optim/sgd_warmup_cosine.yaml).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from promptbench.backbones import Backbone
-from promptbench.data.features import AugmentedViews
+from promptbench.contract import DataContract, Views
 from promptbench.errors import PromptbenchError
-from promptbench.methods.feature_training import TrainsOnCachedViews, positive, reference_sgd
 from promptbench.methods.zeroshot import ZeroShotCLIP
 
 
 class ResidualAdapter(nn.Module):
     """ratio * MLP(x) + (1 - ratio) * x with a bias-free bottleneck MLP of width dim // reduction."""
 
-    def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
+    def __init__(self, dim: int, reduction: int, ratio: float):
         super().__init__()
         if not 1 <= reduction <= dim:
             raise PromptbenchError(f"clip_adapter: reduction must be in [1, feature dim {dim}], got {reduction}")
@@ -43,8 +43,9 @@ class ResidualAdapter(nn.Module):
         return self.ratio * self.mlp(features) + (1 - self.ratio) * features
 
 
-class CLIPAdapter(TrainsOnCachedViews, ZeroShotCLIP):
+class CLIPAdapter(ZeroShotCLIP):
     name = "clip_adapter"
+    trains = True
     uses_train_data = True
 
     def __init__(
@@ -52,36 +53,21 @@ class CLIPAdapter(TrainsOnCachedViews, ZeroShotCLIP):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        template_set: str | Sequence[str] | None = "dataset",
-        reduction: int = 4,
-        ratio: float = 0.2,
-        train_views: int = 10,
-        augment_scale: Sequence[float] = (0.08, 1.0),
-        lr: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-        max_epochs: int = 200,
-        batch_size: int = 32,
+        *,
+        reduction: int,
+        ratio: float,
+        views: Mapping[str, Any] | Views,
+        batch_size: int,
         **config: Any,
     ):
-        super().__init__(backbone, classnames, templates, template_set=template_set, max_epochs=max_epochs,
-                         batch_size=batch_size, **config)
-        if self.max_epochs < 1:
-            raise PromptbenchError(f"method '{self.name}': max_epochs must be >= 1, got {self.max_epochs}")
+        super().__init__(backbone, classnames, templates, **config)
         self.adapter = ResidualAdapter(backbone.embed_dim, int(reduction), float(ratio))
-        self.train_views = AugmentedViews(train_views, tuple(augment_scale))
-        self.lr = positive(lr, "lr", self.name)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.warmup_epochs = int(warmup_epochs)
-        self.warmup_lr = positive(warmup_lr, "warmup_lr", self.name)
+        self.views = Views.from_config(views)
+        self.batch_size = int(batch_size)
+
+    def contract(self) -> DataContract:
+        return DataContract(inputs="features", batch_size=self.batch_size, train_views=self.views)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # The adapter's dtype: float32, or half when the trainer keeps the module in "16-true" precision.
         return super().forward(self.adapter(features.to(self.adapter.mlp[0].weight.dtype)))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return reference_sgd(self.adapter.parameters(), self.lr, self.momentum, self.weight_decay, self.max_epochs,
-                             self.warmup_epochs, self.warmup_lr)

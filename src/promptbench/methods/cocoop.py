@@ -22,25 +22,19 @@ class CoCoOp(CoOp):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_token_position: str = "end",
-        max_prompts_per_pass: int = 2048,
-        batch_size: int = 1,
-        max_epochs: int = 10,
+        *,
+        csc: bool,
+        max_prompts_per_pass: int,
         **config: Any,
     ):
-        if "csc" in config:
+        if csc:
             raise PromptbenchError(
                 "method 'cocoop' learns one context shared by all classes (the meta-net conditions it per image); "
-                "it has no csc option"
+                "method.csc=true is not available"
             )
         if int(max_prompts_per_pass) < 1:
-            raise PromptbenchError(f"max_prompts_per_pass={max_prompts_per_pass}: must be >= 1")
-        super().__init__(
-            backbone, classnames, templates, n_ctx=n_ctx, ctx_init=ctx_init, csc=False,
-            class_token_position=class_token_position, batch_size=batch_size, max_epochs=max_epochs, **config,
-        )
+            raise PromptbenchError(f"method.max_prompts_per_pass must be >= 1, got {max_prompts_per_pass}")
+        super().__init__(backbone, classnames, templates, csc=False, **config)
         self.max_prompts_per_pass = int(max_prompts_per_pass)
         image_dim = backbone.embed_dim
         self.meta_net = nn.Sequential(

@@ -1,28 +1,35 @@
 """CoOp (Zhou et al., "Learning to Prompt for Vision-Language Models"): learned prompt context, frozen CLIP.
 
-The training recipe here (SGD, constant warm-up then per-epoch cosine, fp32 loss, the non-finite loss
-guard) is shared with CoCoOp, which subclasses this method.
+The reference trains on freshly augmented images every step (`views: {n: 0}`); `views: {n: N}` is an
+opt-in protocol change that trains on N cached augmented views instead (view e mod N at epoch e), so the
+image tower runs N times per image instead of once per step. CoCoOp subclasses this method.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from promptbench.backbones import Backbone
-from promptbench.data.features import AugmentedViews
-from promptbench.data.transforms import DEFAULT_CROP_SCALE
+from promptbench.contract import DataContract, Views
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
-from promptbench.methods.feature_training import reference_sgd
 from promptbench.methods.prompt_learner import PromptLearner
+
+
+def optional_views(views: Mapping[str, Any] | Views | None) -> Views | None:
+    """`views: {n: 0}` (or null) means none: the reference's online augmentation."""
+    if views is None or isinstance(views, Views):
+        return views
+    if int(views["n"]) < 0:
+        raise PromptbenchError(f"method.views.n must be >= 0 (0: online augmentation), got {views['n']}")
+    return Views.from_config(views) if int(views["n"]) else None
 
 
 class CoOp(Method):
     name = "coop"
-    input_kind = "images"
     trains = True
 
     def __init__(
@@ -30,53 +37,39 @@ class CoOp(Method):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        n_ctx: int = 16,
-        ctx_init: str | None = None,
-        csc: bool = False,
-        class_token_position: str = "end",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
-        cached_views: int = 0,
-        cached_views_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+        *,
+        n_ctx: int,
+        ctx_init: str | None,
+        csc: bool,
+        class_token_position: str,
+        batch_size: int,
+        views: Mapping[str, Any] | Views | None,
         **config: Any,
     ):
         super().__init__(backbone, classnames, templates, **config)
-        if int(cached_views) < 0:
-            raise PromptbenchError(f"method '{self.name}': cached_views must be >= 0, got {cached_views}")
-        if cached_views:
-            # Opt-in protocol change: epoch e trains on cached augmented view e mod N of every image instead of
-            # a fresh augmentation, so the image tower runs N times per image instead of once per step.
-            self.input_kind = "features"
-            self.train_views = AugmentedViews(int(cached_views), tuple(cached_views_scale))
-        if lr <= 0 or warmup_lr < 0 or warmup_epochs < 0:
-            raise PromptbenchError(
-                f"method '{self.name}': need lr > 0, warmup_lr >= 0 and warmup_epochs >= 0 "
-                f"(got lr={lr}, warmup_lr={warmup_lr}, warmup_epochs={warmup_epochs})"
-            )
+        self.views = optional_views(views)
+        self.batch_size = int(batch_size)
         self.prompt_learner = PromptLearner(backbone, self.classnames, n_ctx, ctx_init, csc, class_token_position)
         # Class-specific context is tied to the training classes; the base class refuses other class sets.
         self.transfers_to_new_classes = not self.prompt_learner.csc
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.warmup_epochs = int(warmup_epochs)
-        self.warmup_lr = float(warmup_lr)
         self._evaluation_text_features: torch.Tensor | None = None
+
+    def contract(self) -> DataContract:
+        if self.views is None:
+            return DataContract(inputs="images", batch_size=self.batch_size)
+        return DataContract(inputs="features", batch_size=self.batch_size, train_views=self.views)
 
     # ---- classification -----------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of images, or of their frozen raw features when the method trains on cached views."""
-        if self.input_kind == "features":
-            return self.class_logits(F.normalize(inputs.float(), dim=-1))
         return self.class_logits(self.image_features(inputs))
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised features of the frozen image tower: no graph is kept for it."""
+    def image_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised frozen image features of a batch of the contract's inputs: images go through the image
+        tower here (no graph is kept for it); cached features are only normalised."""
+        if self.views is not None:
+            return F.normalize(inputs.float(), dim=-1)
         with torch.no_grad():
-            return F.normalize(self.backbone.encode_image(images), dim=-1)
+            return F.normalize(self.backbone.encode_image(inputs), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         """Normalised [n_cls, embed_dim] features of the learned prompts."""
@@ -99,36 +92,3 @@ class CoOp(Method):
 
     def on_predict_end(self) -> None:
         self._evaluation_text_features = None
-
-    # ---- training -----------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every image of the batch was unreadable and skipped
-            return None
-        images, labels, _ = batch
-        logits = self(images).float()
-        loss = F.cross_entropy(logits, labels)
-        self.stop_on_non_finite(loss)
-        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/acc", accuracy, prog_bar=True, batch_size=len(labels))
-        return loss
-
-    def stop_on_non_finite(self, loss: torch.Tensor) -> None:
-        """Never train on NaN/inf: stop with what happened and what to try."""
-        if torch.isfinite(loss):
-            return
-        precision = self.trainer.precision if self._trainer is not None else "unknown"
-        raise PromptbenchError(
-            f"method '{self.name}': non-finite training loss {loss.item()} at step {self.global_step} "
-            f"(epoch {self.current_epoch}, precision={precision}); training stopped. Try precision=32 or "
-            f"precision=bf16-mixed (the fp16 modes overflow more easily), or a lower learning rate "
-            f"(method.lr={self.lr})."
-        )
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        epochs = self.trainer.max_epochs
-        if epochs is None or epochs < 1:
-            raise PromptbenchError(f"method '{self.name}' needs a finite number of epochs (max_epochs >= 1), got {epochs}")
-        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        return reference_sgd(trainable, self.lr, self.momentum, self.weight_decay, epochs, self.warmup_epochs,
-                             self.warmup_lr)

@@ -14,7 +14,6 @@ import math
 import warnings
 from typing import Any, Callable, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,11 +21,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from promptbench.backbones import Backbone
+from promptbench.contract import DataContract, FeatureProvider
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
 
 log = logging.getLogger(__name__)
-REFERENCE_C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
 
 def search_c(val_accuracy: Callable[[float], float], grid: Sequence[float], rounds: int) -> float:
@@ -47,9 +46,7 @@ def search_c(val_accuracy: Callable[[float], float], grid: Sequence[float], roun
 
 class LinearProbe(Method):
     name = "linear_probe"
-    input_kind = "features"
     trains = False
-    uses_val = True
     transfers_to_new_classes = False
 
     def __init__(
@@ -57,10 +54,11 @@ class LinearProbe(Method):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        c_grid: Sequence[float] = REFERENCE_C_GRID,
-        search_rounds: int = 8,
-        max_iter: int = 1000,
-        normalize_features: bool = False,
+        *,
+        c_grid: Sequence[float],
+        search_rounds: int,
+        max_iter: int,
+        normalize_features: bool,
         **config: Any,
     ):
         super().__init__(backbone, classnames, templates, **config)
@@ -77,6 +75,9 @@ class LinearProbe(Method):
         self.register_buffer("bias", torch.zeros(classes))
         self.register_buffer("c", torch.tensor(float("nan")))
         self.notes: dict[str, Any] = {}
+
+    def contract(self) -> DataContract:
+        return DataContract(inputs="features", reads=("train", "val"))
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -108,8 +109,8 @@ class LinearProbe(Method):
         self.weight.copy_(weight)
         self.bias.copy_(bias)
 
-    def prepare(self, datamodule: L.LightningDataModule) -> None:
-        train, val = datamodule.feature_set("train"), datamodule.feature_set("val")
+    def prepare(self, provider: FeatureProvider) -> None:
+        train, val = provider.features("train"), provider.features("val")
         x_train, y_train = self.inputs(train.features).numpy(), train.labels.numpy()
         x_val, y_val = self.inputs(val.features).numpy(), val.labels.numpy()
         if len(np.unique(y_train)) < 2:

@@ -16,65 +16,19 @@ The cache values are the training classes: neither method moves to another class
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promptbench.backbones import Backbone
-from promptbench.data.features import AugmentedViews, FeatureSet
+from promptbench.contract import DataContract, FeatureProvider, FeatureSet, Views
 from promptbench.errors import PromptbenchError
-from promptbench.methods.feature_training import TrainsOnCachedViews, cosine_with_warmup, positive
 from promptbench.methods.zeroshot import ZeroShotCLIP
 
 # The reference's final search starts at 0.1 for both alpha and beta.
 GRID_START = 0.1
-
-
-@dataclass(frozen=True)
-class TipSettings:
-    """Per-dataset settings of the reference: initial alpha/beta, search maxima, Tip-Adapter-F epochs.
-
-    Dataset configs give them as `hparams: {tip_adapter: {init_alpha: .., init_beta: .., alpha_max: ..,
-    beta_max: .., epochs: ..}}`; any field a dataset leaves out falls back to DEFAULT_SETTINGS.
-    """
-
-    init_alpha: float = 1.0
-    init_beta: float = 1.0
-    alpha_max: float = 10.0
-    beta_max: float = 10.0
-    epochs: int = 20
-
-
-# For a dataset without published settings (synthetic, folder, your own): neutral start, wide search.
-DEFAULT_SETTINGS = TipSettings()
-
-# The reference's configs/*.yaml (search_scale = [beta_max, alpha_max], init_beta 1 everywhere), keyed by
-# promptbench's dataset config names. conf/dataset/<name>.yaml must repeat them under hparams.tip_adapter;
-# tests/test_adapters.py checks that every such config matches this table.
-PUBLISHED_SETTINGS: dict[str, TipSettings] = {
-    "caltech101": TipSettings(init_alpha=3.0, alpha_max=5.0, beta_max=12.0, epochs=20),
-    "dtd": TipSettings(init_alpha=2.0, alpha_max=13.0, beta_max=13.0, epochs=20),
-    "eurosat": TipSettings(init_alpha=2.0, alpha_max=10.0, beta_max=12.0, epochs=100),
-    "fgvc_aircraft": TipSettings(init_alpha=5.0, alpha_max=30.0, beta_max=30.0, epochs=20),
-    "food101": TipSettings(init_alpha=1.17, alpha_max=10.0, beta_max=10.0, epochs=20),
-    "imagenet": TipSettings(init_alpha=1.17, alpha_max=3.0, beta_max=7.0, epochs=20),
-    "oxford_flowers": TipSettings(init_alpha=10.0, alpha_max=50.0, beta_max=50.0, epochs=20),
-    "oxford_pets": TipSettings(init_alpha=1.17, alpha_max=3.0, beta_max=7.0, epochs=20),
-    "stanford_cars": TipSettings(init_alpha=3.0, alpha_max=10.0, beta_max=20.0, epochs=20),
-    "sun397": TipSettings(init_alpha=1.17, alpha_max=10.0, beta_max=12.0, epochs=20),
-    "ucf101": TipSettings(init_alpha=3.0, alpha_max=3.0, beta_max=7.0, epochs=20),
-}
-
-
-def settings_with_defaults(**given: Any) -> TipSettings:
-    """TipSettings from options that may be None (the dataset gave none): those take DEFAULT_SETTINGS' value."""
-    chosen = {name: value for name, value in given.items() if value is not None}
-    return dataclasses.replace(DEFAULT_SETTINGS, **chosen)
 
 
 def reference_grid(maximum: float, steps: int) -> torch.Tensor:
@@ -108,7 +62,6 @@ def search_alpha_beta(text_logits: torch.Tensor, affinity: torch.Tensor, values:
 class TipAdapter(ZeroShotCLIP):
     name = "tip_adapter"
     trains = False
-    uses_val = True
     transfers_to_new_classes = False
     uses_train_data = True
     # Tip-Adapter-F trains the keys; Tip-Adapter keeps them as a buffer.
@@ -119,32 +72,32 @@ class TipAdapter(ZeroShotCLIP):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        template_set: str | Sequence[str] | None = "dataset",
-        init_alpha: float | None = None,
-        init_beta: float | None = None,
-        alpha_max: float | None = None,
-        beta_max: float | None = None,
-        alpha_steps: int = 20,
-        beta_steps: int = 200,
-        search: bool = True,
-        text_scale: float | None = 100.0,
-        cache_views: int = 10,
-        cache_scale: Sequence[float] = (0.5, 1.0),
+        *,
+        init_alpha: float,
+        init_beta: float,
+        alpha_max: float,
+        beta_max: float,
+        alpha_steps: int,
+        beta_steps: int,
+        search: bool,
+        text_scale: float | None,
+        views: Mapping[str, Any] | Views,
         **config: Any,
     ):
-        super().__init__(backbone, classnames, templates, template_set=template_set, **config)
-        settings = settings_with_defaults(init_alpha=init_alpha, init_beta=init_beta, alpha_max=alpha_max,
-                                          beta_max=beta_max)
-        for option in ("alpha_max", "beta_max"):
-            if getattr(settings, option) <= GRID_START:
-                raise PromptbenchError(f"method '{self.name}': {option} must be > {GRID_START} (the grid starts there)")
+        super().__init__(backbone, classnames, templates, **config)
+        for option, value in (("alpha_max", alpha_max), ("beta_max", beta_max)):
+            if float(value) <= GRID_START:
+                raise PromptbenchError(f"method.{option} must be > {GRID_START} (the grid starts there), got {value}")
         if int(alpha_steps) < 1 or int(beta_steps) < 1:
-            raise PromptbenchError(f"method '{self.name}': alpha_steps and beta_steps must be >= 1")
-        self.alpha_grid = reference_grid(settings.alpha_max, int(alpha_steps))
-        self.beta_grid = reference_grid(settings.beta_max, int(beta_steps))
+            raise PromptbenchError(f"method.alpha_steps and method.beta_steps must be >= 1, got "
+                                   f"{alpha_steps} and {beta_steps}")
+        if text_scale is not None and not float(text_scale) > 0:
+            raise PromptbenchError(f"method.text_scale must be > 0 (or null: the backbone's logit scale), got {text_scale}")
+        self.alpha_grid = reference_grid(float(alpha_max), int(alpha_steps))
+        self.beta_grid = reference_grid(float(beta_max), int(beta_steps))
         self.search = bool(search)
-        self.text_scale = None if text_scale is None else positive(text_scale, "text_scale", self.name)
-        self.cache_views = AugmentedViews(cache_views, tuple(cache_scale))
+        self.text_scale = None if text_scale is None else float(text_scale)
+        self.views = Views.from_config(views)
         keys = torch.empty(0, backbone.embed_dim)
         if self.trainable_keys:
             self.cache_keys = nn.Parameter(keys)
@@ -155,15 +108,17 @@ class TipAdapter(ZeroShotCLIP):
         self.register_buffer("cache_values", torch.empty(0, len(self.classnames)), persistent=False)
         self.register_load_state_dict_post_hook(TipAdapter.refresh_values)
         # Saved with the cache, so an eval-only run with ckpt_path uses the searched values.
-        self.register_buffer("alpha", torch.tensor(float(settings.init_alpha)))
-        self.register_buffer("beta", torch.tensor(float(settings.init_beta)))
+        self.register_buffer("alpha", torch.tensor(float(init_alpha)))
+        self.register_buffer("beta", torch.tensor(float(init_beta)))
         self.notes: dict[str, Any] = {}
 
+    def contract(self) -> DataContract:
+        return DataContract(inputs="features", reads=("train", "val"))
+
     # ---- the cache ---------------------------------------------------------------------------------
-    def build_cache(self, datamodule: L.LightningDataModule) -> None:
+    def build_cache(self, provider: FeatureProvider) -> None:
         """Keys: train features averaged over the augmented views, then L2-normalised; values: one-hot labels."""
-        augmentation = datamodule.augmentation(self.cache_views.scale)
-        train = datamodule.feature_set("train", augmentation, views=self.cache_views.count)
+        train = provider.views("train", self.views).mean()
         self.set_cache(F.normalize(train.features.float(), dim=-1), train.labels)
 
     def set_cache(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
@@ -214,18 +169,19 @@ class TipAdapter(ZeroShotCLIP):
         self.beta.fill_(beta)
         self.notes.update(searched_on="val", search_top1=100.0 * correct / len(val.labels))
 
-    def prepare(self, datamodule: L.LightningDataModule) -> None:
-        self.build_cache(datamodule)
+    def prepare(self, provider: FeatureProvider) -> None:
+        self.build_cache(provider)
         if self.search:
-            self.search_hyperparameters(datamodule.feature_set("val"))
+            self.search_hyperparameters(provider.features("val"))
 
     def run_notes(self) -> dict[str, Any]:
         return {"alpha": float(self.alpha), "beta": float(self.beta), "cache_size": int(self.cache_keys.shape[0]),
                 **self.notes}
 
 
-class TipAdapterF(TrainsOnCachedViews, TipAdapter):
+class TipAdapterF(TipAdapter):
     name = "tip_adapter_f"
+    trains = True
     trainable_keys = True
     # The set whose features pick the best epoch in paper_parity mode, as in the reference main.py.
     PARITY_SET = "test"
@@ -235,46 +191,33 @@ class TipAdapterF(TrainsOnCachedViews, TipAdapter):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        max_epochs: int | None = None,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        eps: float = 1e-4,
-        weight_decay: float = 0.01,
-        train_views: int | None = None,
-        paper_parity: bool = False,
+        *,
+        batch_size: int,
+        train_views: Mapping[str, Any] | Views,
+        paper_parity: bool,
         **config: Any,
     ):
-        epochs = settings_with_defaults(epochs=max_epochs).epochs
-        super().__init__(backbone, classnames, templates, max_epochs=epochs, batch_size=batch_size, **config)
-        if self.max_epochs < 1:
-            raise PromptbenchError(f"method '{self.name}': max_epochs must be >= 1, got {self.max_epochs}")
-        self.lr = positive(lr, "lr", self.name)
-        self.eps = positive(eps, "eps", self.name)
-        self.weight_decay = float(weight_decay)
+        super().__init__(backbone, classnames, templates, **config)
+        self.batch_size = int(batch_size)
         # The reference trains on the cache's augmentation; by default on the very views of the cache.
-        self.train_views = AugmentedViews(train_views or self.cache_views.count, self.cache_views.scale)
+        self.train_views = Views.from_config(train_views)
         self.paper_parity = bool(paper_parity)
         self.selection: FeatureSet | None = None
+        self.val: FeatureSet | None = None
         self.best: tuple[int, int, torch.Tensor] | None = None  # (correct, epoch, keys)
 
     def selection_set(self) -> str:
         return self.PARITY_SET if self.paper_parity else "val"
 
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        datamodule = self.trainer.datamodule
-        if self.selection_set() not in datamodule.sets:
-            raise PromptbenchError(f"paper_parity selects the epoch on the '{self.PARITY_SET}' split, which this "
-                                   f"protocol does not have (sets: {sorted(datamodule.sets)})")
-        self.build_cache(datamodule)
-        self.selection = datamodule.feature_set(self.selection_set())
-        self.best = None
+    def contract(self) -> DataContract:
+        return DataContract(inputs="features", batch_size=self.batch_size, train_views=self.train_views,
+                            reads=("train", "val", self.PARITY_SET) if self.paper_parity else ("train", "val"))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW([self.cache_keys], lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
-        scheduler = cosine_with_warmup(optimizer, total=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def prepare(self, provider: FeatureProvider) -> None:
+        self.build_cache(provider)
+        self.selection = provider.features(self.selection_set())
+        self.val = provider.features("val")
+        self.best = None
 
     def on_train_epoch_end(self) -> None:
         # alpha and beta still hold their initial values here, as in the reference's per-epoch evaluation.
@@ -286,10 +229,9 @@ class TipAdapterF(TrainsOnCachedViews, TipAdapter):
     def on_fit_end(self) -> None:
         correct, epoch, keys = self.best
         self.cache_keys.data.copy_(keys)
-        datamodule = self.trainer.datamodule
         initial = (float(self.alpha), float(self.beta))
         if self.search:
-            self.search_hyperparameters(datamodule.feature_set("val"))
+            self.search_hyperparameters(self.val)
         self.notes.update(best_epoch=epoch, epoch_selected_on=self.selection_set(),
                           selection_top1=100.0 * correct / len(self.selection.labels), paper_parity=self.paper_parity)
         if self.paper_parity:
@@ -301,4 +243,4 @@ class TipAdapterF(TrainsOnCachedViews, TipAdapter):
             self.notes["test_split_used_for_selection"] = True
             self.notes["warning"] = ("paper_parity: the epoch and the final alpha/beta were chosen on the test split, "
                                      "as the reference does; these numbers are optimistic and not a clean few-shot result")
-        self.selection = None
+        self.selection = self.val = None

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from promptbench.backbones import Backbone
+from promptbench.contract import DataContract
 from promptbench.methods.base import Method
 from promptbench.methods.prompts import resolve_templates, text_classifier
 
 
 class ZeroShotCLIP(Method):
     name = "zeroshot"
-    input_kind = "features"
     trains = False
     uses_train_data = False
 
@@ -23,12 +23,15 @@ class ZeroShotCLIP(Method):
         backbone: Backbone,
         classnames: Sequence[str],
         templates: Sequence[str],
-        template_set: str | Sequence[str] | None = "dataset",
+        template_set: str | Sequence[str] | None,
         **config: Any,
     ):
         super().__init__(backbone, classnames, resolve_templates(template_set, templates), **config)
         self.template_set = template_set
         self._classifier: torch.Tensor | None = None
+
+    def contract(self) -> DataContract:
+        return DataContract(inputs="features")
 
     def set_classes(self, classnames: Sequence[str], templates: Sequence[str]) -> None:
         super().set_classes(classnames, resolve_templates(self.template_set, templates))

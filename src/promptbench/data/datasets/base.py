@@ -35,12 +35,8 @@ class Dataset:
         name: str | None = None,
         templates: Sequence[str] | None = None,
         skip_bad_images: bool = False,
-        hparams: dict | None = None,
     ):
         self.root = Path(root).expanduser()
-        # Per-dataset method settings (e.g. Tip-Adapter's search ranges); method configs read them by
-        # interpolation (${dataset.hparams...}), the dataset itself does not use them.
-        self.hparams = dict(hparams or {})
         self.display_name = name or self.name
         self.skip_bad_images = bool(skip_bad_images)
         self.templates = list(templates) if templates else list(type(self).templates)

@@ -1,0 +1,130 @@
+"""The seam between methods and data: what a method consumes, and the object that supplies it.
+
+A method declares a `DataContract`; the data module (data/datamodule.py) reads only that contract and
+supplies exactly what it names. Both sides import this module and never each other.
+
+- `inputs`: what every loader yields to the method's `forward`: "images" (transformed images; the method
+  runs the image tower itself, e.g. CoOp with online augmentation) or "features" (frozen raw image features
+  of the test transform, extracted once and cached).
+- `train_views`: for a "features" method that trains, the augmented views of the train set it trains on
+  (`Views`, below): epoch e reads view e mod n, so training never runs the image tower.
+- `reads`: the sets the method reads itself through the `FeatureProvider` in `prepare` (e.g. "train" for
+  a cache, "val" for a hyper-parameter search); the provider refuses any other set.
+- `batch_size`: the training batch size of the method's recipe.
+
+`Views` is the one option for augmented views in every method config: `views: {n: N, scale: [low, high]}`,
+N views of RandomResizedCrop(scale) + horizontal flip at the backbone's resolution, each encoded once and
+cached (view i is the same in every run with the same seed, so asking for more views later only encodes
+the new ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+import torch
+
+from promptbench.errors import PromptbenchError
+
+InputKind = Literal["images", "features"]
+INPUT_KINDS = ("images", "features")
+
+
+@dataclass(frozen=True)
+class Views:
+    """`n` augmented views of a set: RandomResizedCrop(scale) + horizontal flip, each cached on its own."""
+
+    n: int
+    scale: tuple[float, float]
+
+    def __post_init__(self):
+        try:
+            count = int(self.n)
+            low, high = (float(x) for x in self.scale)
+        except (TypeError, ValueError):
+            raise PromptbenchError(f"views: need {{n: <int>, scale: [low, high]}}, got n={self.n!r}, "
+                                   f"scale={self.scale!r}") from None
+        if count < 1:
+            raise PromptbenchError(f"views.n must be >= 1, got {self.n}")
+        if not 0 < low <= high <= 1:
+            raise PromptbenchError(f"views.scale must be [low, high] with 0 < low <= high <= 1, got {list(self.scale)}")
+        object.__setattr__(self, "n", count)
+        object.__setattr__(self, "scale", (low, high))
+
+    @classmethod
+    def from_config(cls, views: "Mapping[str, Any] | Views") -> "Views":
+        """A method option `views: {n: N, scale: [low, high]}` (or a Views already)."""
+        if isinstance(views, Views):
+            return views
+        try:
+            return cls(views["n"], tuple(views["scale"]))
+        except (KeyError, TypeError):
+            raise PromptbenchError(f"views: need {{n: <int>, scale: [low, high]}}, got {views!r}") from None
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """What a method consumes; see the module docstring."""
+
+    inputs: InputKind
+    batch_size: int = 32
+    train_views: Views | None = None
+    reads: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.inputs not in INPUT_KINDS:
+            raise PromptbenchError(f"data contract: inputs must be one of {INPUT_KINDS}, got {self.inputs!r}")
+        if self.train_views is not None and self.inputs != "features":
+            raise PromptbenchError("data contract: train_views are cached features; they need inputs='features'")
+        if int(self.batch_size) < 1:
+            raise PromptbenchError(f"batch_size must be >= 1, got {self.batch_size}")
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "reads", tuple(self.reads))
+
+
+@dataclass
+class FeatureSet:
+    """Features [N, D] (float32, not normalised) of the items that could be read, with labels and item indices."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features, "labels": self.labels, "index": self.index}
+
+
+@dataclass
+class FeatureViews:
+    """Features [V, N, D] of V augmented views of the same items (same labels and indices in every view)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def stack(cls, views: Sequence[FeatureSet]) -> "FeatureViews":
+        first = views[0]
+        if any(not torch.equal(view.index, first.index) for view in views[1:]):
+            raise PromptbenchError("augmented views of one set disagree on which images could be read (images changed "
+                                   "between extractions?); remove them with `promptbench cache rm --all` and rerun")
+        return cls(torch.stack([view.features for view in views]), first.labels, first.index)
+
+    @property
+    def count(self) -> int:
+        return self.features.shape[0]
+
+    def mean(self) -> FeatureSet:
+        """Raw features averaged over the views (Tip-Adapter's cache averages before normalising)."""
+        return FeatureSet(self.features.mean(dim=0), self.labels, self.index)
+
+
+class FeatureProvider(Protocol):
+    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, nothing else."""
+
+    def features(self, split: str) -> FeatureSet:
+        """Test-transform features of a set."""
+
+    def views(self, split: str, views: Views) -> FeatureViews:
+        """Features of `views.n` augmented views of a set."""

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import build_method, epochs_of
 from promptbench.errors import PromptbenchError
-from promptbench.methods.cocoop import CoCoOp
 from test_coop import (
     CLASSNAMES,
     OTHER_CLASSNAMES,
@@ -35,7 +35,7 @@ def per_image_reference_logits(method, images):
 @pytest.mark.parametrize("max_prompts_per_pass", [2048, 2 * len(CLASSNAMES), 1])
 def test_batched_logits_equal_the_per_image_loop(tiny_backbone, max_prompts_per_pass):
     torch.manual_seed(0)
-    method = CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES, max_prompts_per_pass=max_prompts_per_pass).eval()
+    method = build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES, max_prompts_per_pass=max_prompts_per_pass).eval()
     with torch.no_grad():
         method.meta_net[-1].weight.mul_(20)  # a clearly image-dependent shift, so a mix-up of images shows
         images = random_images(5)
@@ -43,8 +43,8 @@ def test_batched_logits_equal_the_per_image_loop(tiny_backbone, max_prompts_per_
 
 
 def test_defaults_follow_the_reference(tiny_backbone):
-    method = CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES)
-    assert (method.batch_size, method.max_epochs, method.lr) == (1, 10, 0.002)
+    method = build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES)
+    assert (method.batch_size, epochs_of("cocoop"), method.optim.lr, method.optim.warmup) == (1, 10, 0.002, 1)
     assert method.prompt_learner.n_ctx == 4 and method.transfers_to_new_classes
     embedding_dim = tiny_backbone.embed_dim
     assert [tuple(layer.weight.shape) for layer in (method.meta_net[0], method.meta_net[2])] == [
@@ -52,14 +52,14 @@ def test_defaults_follow_the_reference(tiny_backbone):
 
 
 def test_csc_and_bad_chunking_are_refused(tiny_backbone):
-    with pytest.raises(PromptbenchError, match="no csc option"):
-        CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES, csc=True)
-    with pytest.raises(PromptbenchError, match="max_prompts_per_pass=0"):
-        CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES, max_prompts_per_pass=0)
+    with pytest.raises(PromptbenchError, match="method.csc=true is not available"):
+        build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES, csc=True)
+    with pytest.raises(PromptbenchError, match="max_prompts_per_pass must be >= 1, got 0"):
+        build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES, max_prompts_per_pass=0)
 
 
 def test_only_context_and_meta_net_train_and_clip_stays_unchanged(tiny_backbone):
-    method = CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES)
+    method = build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES)
     trainable = {name for name, p in method.named_parameters() if p.requires_grad}
     assert trainable == {"prompt_learner.ctx", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
                          "meta_net.2.bias"}
@@ -72,11 +72,11 @@ def test_only_context_and_meta_net_train_and_clip_stays_unchanged(tiny_backbone)
 
 
 def test_saved_prompts_and_meta_net_reload_and_transfer(tiny_backbone, tmp_path):
-    method = CoCoOp(tiny_backbone, CLASSNAMES, TEMPLATES).eval()
+    method = build_method("cocoop", tiny_backbone, CLASSNAMES, TEMPLATES).eval()
     with torch.no_grad():
         method.meta_net[-1].bias.add_(0.3)
     method.save_learned(tmp_path / "learned.safetensors")
-    elsewhere = CoCoOp(tiny_backbone, OTHER_CLASSNAMES, TEMPLATES).eval()
+    elsewhere = build_method("cocoop", tiny_backbone, OTHER_CLASSNAMES, TEMPLATES).eval()
     elsewhere.load_learned(tmp_path / "learned.safetensors")
     method.set_classes(OTHER_CLASSNAMES, TEMPLATES)
     images = random_images(2)

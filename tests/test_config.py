@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_py
+from conftest import REPO, build_method, run_py
+from promptbench.contract import Views
 from promptbench.config import register_resolvers
 
 CONF = REPO / "conf"
@@ -68,8 +69,10 @@ def test_unknown_option_lists_valid_choices(run_env):
 
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_cached_views_follow_the_runs_train_crop_scale(method, tiny_backbone):
-    # Cached views replace the online augmentation, so they must crop like it (dataset hparams included).
-    cfg = compose_with([f"method={method}", "method.cached_views=2", "train_crop_scale=[0.5,1.0]"])
-    assert list(cfg.method.cached_views_scale) == [0.5, 1.0]
-    built = hydra.utils.instantiate(cfg.method, backbone=tiny_backbone, classnames=["a", "b"], templates=["{}."])
-    assert built.train_views.scale == (0.5, 1.0)
+    # Cached views replace the online augmentation, so they must crop like it (a dataset's own scale included).
+    cfg = compose_with([f"method={method}", "method.views.n=2", "train_crop_scale=[0.5,1.0]"])
+    assert list(cfg.method.views.scale) == [0.5, 1.0]
+    assert list(compose_with([f"method={method}", "dataset=synthetic_shades"]).method.views.scale) == [0.5, 1.0]
+    built = build_method(method, tiny_backbone, ["a", "b"], ["{}."], overrides=["method.views.n=2",
+                                                                                "train_crop_scale=[0.5,1.0]"])
+    assert built.contract().train_views == Views(2, (0.5, 1.0))

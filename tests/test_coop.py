@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import find_results, run_py
+from conftest import build_method, find_results, run_py
 from promptbench import cli
 from promptbench.backbones import load_backbone
+from promptbench.contract import DataContract, Views
 from promptbench.errors import PromptbenchError
-from promptbench.methods.cocoop import CoCoOp
-from promptbench.methods.coop import CoOp
-from promptbench.methods.feature_training import warmup_cosine_factor
+from promptbench.methods.optim import warmup_cosine_factor
 from promptbench.methods.prompt_learner import token_order
 
 CLASSNAMES = ["golden_retriever", "cat", "sea lion"]
@@ -109,7 +108,7 @@ def perturb_context(method, seed=1) -> None:
 @pytest.mark.parametrize("csc", [False, True])
 def test_logits_equal_the_reference_formulation(tiny_backbone, csc, position, ctx_init):
     torch.manual_seed(0)
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=5, ctx_init=ctx_init, csc=csc,
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=5, ctx_init=ctx_init, csc=csc,
                   class_token_position=position).eval()
     expected_shape = (len(CLASSNAMES), 4 if ctx_init else 5, tiny_backbone.ctx_dim)
     assert method.prompt_learner.ctx.shape == (expected_shape if csc else expected_shape[1:])
@@ -121,11 +120,11 @@ def test_logits_equal_the_reference_formulation(tiny_backbone, csc, position, ct
 
 
 def test_ctx_init_starts_from_the_phrase_embeddings(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, ctx_init="a_photo of a")
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, ctx_init="a_photo of a")
     tokens = open_clip.tokenize([PHRASE])
     expected = tiny_backbone.model.token_embedding(tokens)[0, 1:5]
     torch.testing.assert_close(method.prompt_learner.ctx.detach(), expected)
-    random_init = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=16).prompt_learner.ctx
+    random_init = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=16).prompt_learner.ctx
     assert random_init.shape == (16, tiny_backbone.ctx_dim)
     assert 0.01 < random_init.std().item() < 0.03
 
@@ -135,7 +134,7 @@ def test_truncated_encoder_equals_the_full_77_token_encoder(tiny_backbone):
     with torch.no_grad():
         torch.testing.assert_close(tiny_backbone.encode_text(tokens), tiny_backbone.model.encode_text(tokens),
                                    **TOLERANCE)
-    learner = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).prompt_learner
+    learner = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).prompt_learner
     assert learner.prompts().shape[-2] == int(learner.eos.max()) + 1 < tiny_backbone.context_length
 
 
@@ -153,18 +152,18 @@ def test_token_order_moves_only_context_and_name():
         ({"n_ctx": 0}, "n_ctx >= 1"),
         ({"n_ctx": 80}, "smaller n_ctx"),
         ({"ctx_init": " ".join(["a photo"] * 40)}, "shorter ctx_init"),
-        ({"lr": 0}, "lr > 0"),
+        ({"overrides": ["optim.optimizer.lr=0"]}, r"optim.optimizer.lr must be > 0"),
         ({"prompt_depth": 2}, "does not take option"),
     ],
 )
 def test_bad_options_are_clear_errors(tiny_backbone, options, message):
     with pytest.raises(PromptbenchError, match=message):
-        CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, **options)
+        build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, **options)
 
 
 # ---- class sets ---------------------------------------------------------------------------------------
 def test_unified_context_retargets_to_new_class_names(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, class_token_position="middle").eval()
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, class_token_position="middle").eval()
     perturb_context(method)
     method.set_classes(OTHER_CLASSNAMES, TEMPLATES)
     images = random_images(3)
@@ -174,7 +173,7 @@ def test_unified_context_retargets_to_new_class_names(tiny_backbone):
 
 
 def test_class_specific_context_refuses_new_classes(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, csc=True)
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, csc=True)
     assert not method.transfers_to_new_classes
     with pytest.raises(PromptbenchError, match="cannot be evaluated on another class set"):
         method.set_classes(OTHER_CLASSNAMES, TEMPLATES)
@@ -183,7 +182,7 @@ def test_class_specific_context_refuses_new_classes(tiny_backbone):
 
 # ---- frozen CLIP, recipe, guard -------------------------------------------------------------------------
 def test_only_the_context_trains_and_clip_stays_unchanged(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=4)
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=4)
     assert [name for name, p in method.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
     before, ctx_before = backbone_snapshot(tiny_backbone), method.prompt_learner.ctx.detach().clone()
     fit(method, random_images(6), torch.tensor([0, 1, 2, 0, 1, 2]), epochs=1)
@@ -201,7 +200,7 @@ def test_schedule_is_constant_warmup_then_per_epoch_cosine():
 
 
 def test_lightning_applies_the_schedule_per_epoch(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2, lr=0.002, warmup_lr=1e-5)
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2)
     seen = []
 
     class RecordLr(L.Callback):
@@ -215,7 +214,7 @@ def test_lightning_applies_the_schedule_per_epoch(tiny_backbone):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_backbone):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=3)
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=3)
     with torch.no_grad():
         method.prompt_learner.ctx[0, 0] = float("nan")
     with pytest.raises(PromptbenchError, match=r"non-finite training loss nan at step 0 .*precision=32.*bf16-mixed"):
@@ -231,7 +230,8 @@ def test_short_training_lowers_the_loss_and_raises_accuracy(tiny_backbone):
     torch.manual_seed(0)
     labels = torch.arange(12) % 3
     images = 2.0 * (labels.float() - 1).view(-1, 1, 1, 1) + 0.1 * random_images(12, seed=3)
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=6, warmup_epochs=0).eval()
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=6,
+                          overrides=["optim.warmup=0"]).eval()
     before, accuracy_before = mean_loss(method, images, labels), accuracy(method, images, labels)
     fit(method, images, labels, epochs=4)
     after, accuracy_after = mean_loss(method.eval(), images, labels), accuracy(method, images, labels)
@@ -240,7 +240,7 @@ def test_short_training_lowers_the_loss_and_raises_accuracy(tiny_backbone):
 
 
 def test_evaluation_encodes_the_prompts_once(tiny_backbone, monkeypatch):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).eval()
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).eval()
     with torch.no_grad():
         expected = method(random_images(6))
     calls = []
@@ -255,7 +255,7 @@ def test_evaluation_encodes_the_prompts_once(tiny_backbone, monkeypatch):
 def test_reduced_precisions_train_and_evaluate_on_cpu(precision):
     # A backbone of its own: "16-true" converts the whole model, which must not touch the shared fixture.
     backbone = load_backbone("tiny", "promptbench-tiny", "random")
-    method = CoOp(backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=3)
+    method = build_method("coop", backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=3)
     images, labels = random_images(3), torch.tensor([0, 1, 2])
     run = trainer(precision=precision)
     run.fit(method, loader(images, labels, 3))
@@ -268,15 +268,15 @@ def test_reduced_precisions_train_and_evaluate_on_cpu(precision):
 # ---- saving, loading, interpreting ----------------------------------------------------------------------
 @pytest.mark.parametrize("csc", [False, True])
 def test_saved_prompts_reload_to_identical_logits(tiny_backbone, tmp_path, csc):
-    method = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
     perturb_context(method)
     method.save_learned(tmp_path / "learned.safetensors")
-    fresh = CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
+    fresh = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
     fresh.load_learned(tmp_path / "learned.safetensors")
     images = random_images(2)
     with torch.no_grad():
         torch.testing.assert_close(fresh(images), method(images), rtol=0, atol=0)
-    elsewhere = CoOp(tiny_backbone, OTHER_CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
+    elsewhere = build_method("coop", tiny_backbone, OTHER_CLASSNAMES, TEMPLATES, n_ctx=3, csc=csc).eval()
     if csc:
         with pytest.raises(PromptbenchError, match="cannot be moved to a new class set"):
             elsewhere.load_learned(tmp_path / "learned.safetensors")
@@ -288,15 +288,15 @@ def test_saved_prompts_reload_to_identical_logits(tiny_backbone, tmp_path, csc):
 
 
 def test_loading_with_other_options_is_a_clear_error(tiny_backbone, tmp_path):
-    CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3).save_learned(tmp_path / "learned.safetensors")
+    build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=3).save_learned(tmp_path / "learned.safetensors")
     with pytest.raises(PromptbenchError, match=r"prompt_learner.ctx \(3, 64\) vs \(16, 64\)"):
-        CoOp(tiny_backbone, CLASSNAMES, TEMPLATES).load_learned(tmp_path / "learned.safetensors")
+        build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES).load_learned(tmp_path / "learned.safetensors")
 
 
 @pytest.mark.parametrize("csc", [False, True])
 def test_interpret_prints_the_nearest_words_of_each_context_vector(tiny_backbone, tmp_path, capsys, csc):
     # Untrained phrase-initialised context sits exactly on the phrase's token embeddings.
-    CoOp(tiny_backbone, CLASSNAMES, TEMPLATES, ctx_init=PHRASE, csc=csc).save_learned(tmp_path / "learned.safetensors")
+    build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, ctx_init=PHRASE, csc=csc).save_learned(tmp_path / "learned.safetensors")
     assert cli.main(["interpret", str(tmp_path / "learned.safetensors"), "--top-k", "3"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[2:]
     assert len(rows) == (len(CLASSNAMES) if csc else 1) * 4
@@ -324,12 +324,12 @@ def test_interpret_without_a_backbone_description_asks_for_one(tmp_path, capsys)
 def test_run_trains_saves_and_reevaluates_the_same(toy_root, run_env, tmp_path):
     base = ["method=coop", "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2", "logger=none",
             "num_workers=0", "method.n_ctx=4"]
-    trained = run_py([*base, "method.max_epochs=2"], run_env)
+    trained = run_py([*base, "trainer.max_epochs=2"], run_env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     [results] = find_results(tmp_path / "outputs")
     learned = Path(results["_dir"]) / "learned.safetensors"
     assert learned.is_file() and learned.with_suffix(".json").is_file()
-    assert results["config"]["method"]["max_epochs"] == 2 and results["method"] == "coop"
+    assert results["config"]["trainer"]["max_epochs"] == 2 and results["training"]["epochs"] == 2
 
     reloaded = run_py([*base, "eval_only=true", f"ckpt_path={learned}", "tag=reload"], run_env)
     assert reloaded.returncode == 0, reloaded.stderr[-3000:]
@@ -339,22 +339,23 @@ def test_run_trains_saves_and_reevaluates_the_same(toy_root, run_env, tmp_path):
 
 
 # ---- cached augmented views (opt-in speed-up) ------------------------------------------------------------
-@pytest.mark.parametrize("method_class", [CoOp, CoCoOp])
-def test_cached_views_give_the_same_logits_from_features(tiny_backbone, method_class):
-    online = method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).eval()
-    cached = method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, cached_views=3).eval()
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_cached_views_give_the_same_logits_from_features(tiny_backbone, name):
+    online = build_method(name, tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4).eval()
+    cached = build_method(name, tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, overrides=["method.views.n=3"]).eval()
     cached.load_state_dict(online.state_dict())
-    assert online.input_kind == "images" and cached.input_kind == "features" and cached.train_views.count == 3
+    assert online.contract() == DataContract(inputs="images", batch_size=online.batch_size)
+    assert cached.contract().inputs == "features" and cached.contract().train_views == Views(3, (0.08, 1.0))
     images = random_images(5)
     with torch.no_grad():
         torch.testing.assert_close(cached(tiny_backbone.encode_image(images)), online(images), rtol=1e-5, atol=1e-5)
-    with pytest.raises(PromptbenchError, match="cached_views must be >= 0"):
-        method_class(tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, cached_views=-1)
+    with pytest.raises(PromptbenchError, match="views.n must be >= 0"):
+        build_method(name, tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, overrides=["method.views.n=-1"])
 
 
 def test_cached_views_run_end_to_end_without_the_image_tower_in_training(toy_root, run_env, tmp_path):
     result = run_py(["method=coop", "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2",
-                     "logger=none", "num_workers=0", "method.n_ctx=4", "method.max_epochs=3", "method.cached_views=2"],
+                     "logger=none", "num_workers=0", "method.n_ctx=4", "trainer.max_epochs=3", "method.views.n=2"],
                     run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = find_results(tmp_path / "outputs")

@@ -20,7 +20,8 @@ from conftest import REPO
 from promptbench.cli import main as cli_main
 from promptbench.data.datamodule import FewShotDataModule, ViewPerEpochSampler
 from promptbench.data.datasets import FolderDataset
-from promptbench.data.features import FeatureSet, FeatureStore, default_feature_cache_root
+from promptbench.contract import DataContract, FeatureSet, Views
+from promptbench.data.features import FeatureStore, default_feature_cache_root
 from promptbench.errors import PromptbenchError
 from promptbench.protocols import FewShot
 
@@ -30,7 +31,8 @@ def toy_task(root: Path, shots: int = 2):
 
 
 def datamodule(task, backbone, store, **options) -> FewShotDataModule:
-    return FewShotDataModule(task, backbone, "features", device=torch.device("cpu"), feature_store=store,
+    return FewShotDataModule(task.sets(), task.source, backbone, DataContract(inputs="features"),
+                             device=torch.device("cpu"), feature_store=store,
                              **{"num_workers": 0, "eval_batch_size": 4, **options})
 
 
@@ -55,48 +57,53 @@ def test_every_key_component_changes_the_digest(toy_root, tmp_path):
     task = toy_task(shutil.copytree(toy_root, tmp_path / "toy"))  # a copy: one of its files gets rewritten
     recorder = KeyRecorder()
     base = datamodule(task, stand_in_backbone(), recorder)
-    augmentation = base.augmentation((0.5, 1.0))
-    base.feature_set("train")
-    base.feature_views("train", augmentation, 2)                       # views 0 and 1
-    base.feature_views("train", base.augmentation((0.08, 1.0)), 1)     # another transform
-    datamodule(task, stand_in_backbone("model|weights-b"), recorder).feature_set("train")
-    datamodule(task, stand_in_backbone(), recorder, precision="16-mixed").feature_set("train")
-    other_seed = datamodule(task, stand_in_backbone(), recorder, seed=7)
-    other_seed.feature_views("train", other_seed.augmentation((0.5, 1.0)), 1)
-    base.feature_set("val")
+    base.features("train")
+    base.views("train", Views(2, (0.5, 1.0)))                          # views 0 and 1
+    base.views("train", Views(1, (0.08, 1.0)))                         # another transform
+    datamodule(task, stand_in_backbone("model|weights-b"), recorder).features("train")
+    datamodule(task, stand_in_backbone(), recorder, precision="16-mixed").features("train")
+    datamodule(task, stand_in_backbone(), recorder, seed=7).views("train", Views(1, (0.5, 1.0)))
+    base.features("val")
     digests = [FeatureStore.digest(key) for key in recorder.keys]
     # Asking for more views of the same transform and seed reuses the first ones: only view 2 is new.
-    base.feature_views("train", augmentation, 3)
+    base.views("train", Views(3, (0.5, 1.0)))
     more_views = [FeatureStore.digest(key) for key in recorder.keys[len(digests):]]
     assert more_views[:2] == digests[1:3] and more_views[2] not in digests
     # Same items, one file rewritten (new size and mtime): the file-list digest must change.
     image = Path(task.train.items[0].path)
     image.write_bytes(image.read_bytes() + b"\0")
-    base.feature_set("train")
+    base.features("train")
     digests += [more_views[2], FeatureStore.digest(recorder.keys[-1])]
     assert len(digests) == 10 and len(set(digests)) == 10
 
 
-def test_views_need_an_augmenting_transform(toy_root):
-    with pytest.raises(PromptbenchError, match="augmenting transform"):
-        datamodule(toy_task(toy_root), stand_in_backbone(), KeyRecorder()).feature_set("train", views=3)
+def test_the_provider_supplies_only_the_sets_the_contract_reads(toy_root):
+    task = toy_task(toy_root)
+    module = FewShotDataModule(task.sets(), task.source, stand_in_backbone(), DataContract("features", reads=("train",)),
+                               device=torch.device("cpu"), feature_store=KeyRecorder())
+    assert len(module.provider.features("train").labels) == len(task.train)
+    with pytest.raises(PromptbenchError, match="does not declare"):
+        module.provider.features("test")
+    with pytest.raises(PromptbenchError, match="does not have"):
+        FewShotDataModule(task.sets(), task.source, stand_in_backbone(), DataContract("features", reads=("base",)),
+                          device=torch.device("cpu"), feature_store=KeyRecorder())
 
 
 def test_second_request_reuses_the_cache_and_views_are_deterministic(toy_root, tiny_backbone, tmp_path):
     task = toy_task(toy_root)
     first = datamodule(task, tiny_backbone, FeatureStore(tmp_path))
-    views = first.feature_views("train", first.augmentation((0.5, 1.0)), 2)
+    views = first.views("train", Views(2, (0.5, 1.0)))
     assert first.feature_store.extractions == 2 and views.features.shape[:2] == (2, len(task.train))
     assert not torch.allclose(views.features[0], views.features[1]), "two augmented views should differ"
 
     again = datamodule(task, tiny_backbone, FeatureStore(tmp_path))
-    mean = again.feature_set("train", again.augmentation((0.5, 1.0)), views=2)
+    mean = again.views("train", Views(2, (0.5, 1.0))).mean()
     assert again.feature_store.extractions == 0 and again.feature_store.hits == 2
     torch.testing.assert_close(mean.features, views.features.mean(dim=0))
 
     # A view is drawn per item, so neither batch size nor caching changes it.
     uncached = datamodule(task, tiny_backbone, FeatureStore(None), eval_batch_size=5)
-    redone = uncached.feature_views("train", uncached.augmentation((0.5, 1.0)), 2)
+    redone = uncached.views("train", Views(2, (0.5, 1.0)))
     torch.testing.assert_close(redone.features, views.features)
 
 

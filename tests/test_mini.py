@@ -66,7 +66,7 @@ def test_coop_on_the_mini_world_improves_over_zero_shot(run_env, tmp_path):
     # The project's learning test: on synth_shades (shades the captions rarely name) a short CoOp run with 16
     # shots must beat the hand-crafted prompt clearly; the full 200-epoch demo run gains about 10 points.
     common = ["backbone=mini", "dataset=synthetic_shades", "shots=16", "seed=1", "logger=none", "num_workers=0"]
-    for method in (["method=zeroshot"], ["method=coop", "method.max_epochs=20"]):
+    for method in (["method=zeroshot"], ["method=coop", "trainer.max_epochs=20"]):
         result = run_py([*common, *method], run_env, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
     accuracy = {r["method"]: r["metrics"]["test"]["top1"] for r in find_results(tmp_path / "outputs")}

@@ -96,6 +96,7 @@ class ClassSpecificStub(Method):
     """Parameters tied to the training classes, like CoOp's class-specific context."""
 
     name = "class_specific_stub"
+    trains = False
     transfers_to_new_classes = False
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from promptbench.backbones import load_backbone
 from promptbench.methods.coop import CoOp
+from conftest import build_method
 
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 OTHER_CLASSNAMES = ["a much longer class name with many words", "dog"]
@@ -31,8 +32,8 @@ def logits_and_context_grad(method: CoOp, images: torch.Tensor, labels: torch.Te
 def test_compiled_text_tower_gives_the_eager_logits_and_gradients_across_class_sets():
     torch.manual_seed(0)
     images, labels = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
-    eager = CoOp(fresh_backbone(), CLASSNAMES, TEMPLATES, n_ctx=4)
-    compiled = CoOp(fresh_backbone().accelerate(compile_text=True), CLASSNAMES, TEMPLATES, n_ctx=4)
+    eager = build_method("coop", fresh_backbone(), CLASSNAMES, TEMPLATES, n_ctx=4)
+    compiled = build_method("coop", fresh_backbone().accelerate(compile_text=True), CLASSNAMES, TEMPLATES, n_ctx=4)
     compiled.load_state_dict(eager.state_dict())
     assert compiled.backbone.describe()["speed"] == {"compile_text": True, "channels_last": False}
     for method in (eager, compiled):
@@ -74,7 +75,7 @@ def test_text_tower_attention_runs_through_sdpa_in_training(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
     backbone = fresh_backbone()
-    method = CoOp(backbone, CLASSNAMES, TEMPLATES, n_ctx=4)
+    method = build_method("coop", backbone, CLASSNAMES, TEMPLATES, n_ctx=4)
     method.text_features().sum().backward()
     assert len(calls) == len(backbone.model.transformer.resblocks)
     assert calls[0][0] == len(CLASSNAMES)  # [batch, heads, tokens, head_dim]: one pass over every class prompt
@@ -83,7 +84,7 @@ def test_text_tower_attention_runs_through_sdpa_in_training(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_stays_close_to_fp32(device):
     torch.manual_seed(0)
-    method = CoOp(fresh_backbone("mini"), CLASSNAMES, TEMPLATES, n_ctx=4).to(device)
+    method = build_method("coop", fresh_backbone("mini"), CLASSNAMES, TEMPLATES, n_ctx=4).to(device)
     images = torch.randn(8, 3, 64, 64, device=device)
     with torch.no_grad():
         fp32 = method(images).float()

@@ -109,7 +109,7 @@ def test_a_failing_job_does_not_take_the_sweep_down(toy_root, run_env, tmp_path)
 
 
 COOP = ["method=coop", "backbone=tiny", "dataset=folder", "shots=4", "seed=3", "logger=none", "num_workers=0",
-        "method.n_ctx=4", "method.batch_size=4", "method.max_epochs=60"]
+        "method.n_ctx=4", "method.batch_size=4", "trainer.max_epochs=60"]
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(toy_root, run_env, tmp_path):
@@ -140,8 +140,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(toy_root, run_
 @pytest.mark.slurm
 def test_slurm_job_killed_mid_run_resumes_when_the_sweep_is_resubmitted(slurm, toy_root, run_env, tmp_path):
     run_env.update(slurm.env)
-    coop = [arg for arg in COOP if not arg.startswith(("seed=", "method.max_epochs="))]
-    sweep = ["-m", "hydra/launcher=slurm", *coop, "method.max_epochs=150", f"dataset.root={toy_root}", "seed=1,2",
+    coop = [arg for arg in COOP if not arg.startswith(("seed=", "trainer.max_epochs="))]
+    sweep = ["-m", "hydra/launcher=slurm", *coop, "trainer.max_epochs=150", f"dataset.root={toy_root}", "seed=1,2",
              "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
              "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
     first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *sweep], cwd=REPO, env=run_env,
@@ -181,7 +181,7 @@ def test_epoch_samplers_shard_by_rank_under_ddp(monkeypatch):
 
 
 def test_ddp_on_cpu_processes_trains_and_writes_results_once(toy_root, run_env, tmp_path):
-    args = [*COOP, f"dataset.root={toy_root}", "method.max_epochs=2", "trainer=ddp", "trainer.accelerator=cpu",
+    args = [*COOP, f"dataset.root={toy_root}", "trainer.max_epochs=2", "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.devices=2"]
     result = run_py(args, run_env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,8 +192,8 @@ def test_ddp_on_cpu_processes_trains_and_writes_results_once(toy_root, run_env, 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_a_signal_stops_training_at_a_clean_epoch_and_the_rerun_resumes(stop_signal, toy_root, run_env, tmp_path):
-    args = [*(arg for arg in COOP if not arg.startswith("method.max_epochs=")), f"dataset.root={toy_root}",
-            "method.max_epochs=400"]
+    args = [*(arg for arg in COOP if not arg.startswith("trainer.max_epochs=")), f"dataset.root={toy_root}",
+            "trainer.max_epochs=400"]
     process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=run_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "outputs/default/fewshot/folder/tiny/coop/shots4_seed3/checkpoints/last.ckpt"

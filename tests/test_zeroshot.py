@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from promptbench.errors import PromptbenchError
 from promptbench.methods.prompts import TEMPLATE_SETS, resolve_templates, text_classifier
-from promptbench.methods.zeroshot import ZeroShotCLIP
+from conftest import build_method
 
 
 def test_template_sets_have_the_published_sizes():
@@ -38,7 +38,7 @@ def test_ensemble_is_the_renormalised_mean_of_normalised_template_features(tiny_
 
 
 def test_zeroshot_logits_and_retargeting(tiny_backbone):
-    method = ZeroShotCLIP(tiny_backbone, ["dog", "cat"], ["a photo of a {}."])
+    method = build_method("zeroshot", tiny_backbone, ["dog", "cat"], ["a photo of a {}."])
     features = torch.randn(4, tiny_backbone.embed_dim)
     logits = method(features)
     classifier = text_classifier(tiny_backbone, ["dog", "cat"], ["a photo of a {}."])
@@ -49,7 +49,7 @@ def test_zeroshot_logits_and_retargeting(tiny_backbone):
 
 
 def test_ensemble_option_overrides_dataset_template(tiny_backbone):
-    method = ZeroShotCLIP(tiny_backbone, ["dog"], ["a photo of a {}."], template_set="imagenet7")
+    method = build_method("zeroshot", tiny_backbone, ["dog"], ["a photo of a {}."], template_set="imagenet7")
     assert method.templates == list(TEMPLATE_SETS["imagenet7"])
     method.set_classes(["dog", "cat"], ["{} texture."])
     assert method.templates == list(TEMPLATE_SETS["imagenet7"])
@@ -57,4 +57,4 @@ def test_ensemble_option_overrides_dataset_template(tiny_backbone):
 
 def test_unknown_option_is_refused(tiny_backbone):
     with pytest.raises(PromptbenchError, match="does not take option"):
-        ZeroShotCLIP(tiny_backbone, ["dog"], ["a photo of a {}."], n_ctx=4)
+        build_method("zeroshot", tiny_backbone, ["dog"], ["a photo of a {}."], n_ctx=4)

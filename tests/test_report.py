@@ -73,3 +73,16 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
 def test_report_on_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no completed results.json" in capsys.readouterr().err
+
+
+def test_single_seed_rows_show_no_spread(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(results_dir), "--ci95", "--no-plots", "--out", str(out)]) == 0
+    header = "| method | dataset | backbone | protocol | shots | eval_set | top1_mean | std | ci95 | seeds | missing_seeds |"
+    printed = capsys.readouterr().out
+    assert header in printed
+    assert "| zeroshot | dtd | rn50 | fewshot | 0 | test | 42.00 | - | - | 1 | 2,3 |" in printed
+    assert "| coop | dtd | rn50 | fewshot | 1 | test | 52.00 | 2.00 | " in printed
+    assert printed.split("\n\nwritten:")[0] == (out / "report.md").read_text().rstrip("\n")
+    zeroshot = next(r for r in csv.DictReader((out / "report.csv").open()) if r["method"] == "zeroshot")
+    assert (zeroshot["std"], zeroshot["ci95"], zeroshot["seeds"]) == ("-", "-", "1")

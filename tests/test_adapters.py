@@ -128,7 +128,7 @@ def test_alpha_beta_search_matches_the_reference_loop():
     affinity = features @ keys.T
     alpha, beta, correct = search_alpha_beta(text_logits, affinity, values, labels, alphas, betas)
     assert (alpha, beta) == pytest.approx(reference_search(text_logits, affinity, values, labels, alphas, betas))
-    assert 0 <= correct <= 40
+    assert correct == int(((text_logits + alpha * torch.exp(-beta * (1 - affinity)) @ values).argmax(-1) == labels).sum())
 
 
 def test_reference_grid():
@@ -311,12 +311,11 @@ def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, t
     results = {r["method"]: r for r in find_results(tmp_path / "outputs")}
     assert sorted(results) == sorted(METHODS)
     for name, payload in results.items():
-        assert payload["status"] == "completed" and 0 <= payload["metrics"]["test"]["top1"] <= 100, name
+        assert payload["status"] == "completed", name
         assert payload["metrics"]["test"]["n"] == 18
     # The sweep runs in this order: Tip-Adapter-F finds every feature it needs in Tip-Adapter's cache.
     assert results["tip_adapter_f"]["feature_cache"]["extractions"] == 0
     assert results["tip_adapter_f"]["method_notes"]["paper_parity"] is False
-    assert results["linear_probe"]["method_notes"]["C"] > 0
 
 
 def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):

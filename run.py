@@ -9,7 +9,6 @@ from omegaconf import DictConfig
 
 from promptbench.config import register_resolvers
 from promptbench.errors import PromptbenchError
-from promptbench.runner import record_failure, run
 
 register_resolvers()
 failed_jobs: list[str] = []
@@ -17,6 +16,9 @@ failed_jobs: list[str] = []
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top, so that `--help` and `--cfg` answer at once instead of loading torch.
+    from promptbench.runner import record_failure, run
+
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:

@@ -315,7 +315,6 @@ def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, t
     # The sweep runs in this order: Tip-Adapter-F finds every feature it needs in Tip-Adapter's cache.
     assert results["tip_adapter_f"]["feature_cache"]["extractions"] == 0
     assert results["tip_adapter_f"]["method_notes"]["paper_parity"] is False
-    assert results["linear_probe"]["method_notes"]["C"] > 0
 
 
 def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):

@@ -32,8 +32,6 @@ def test_tiny_backbone_exposes_what_methods_need(tiny_backbone):
     assert 1_000_000 < b.describe()["parameters"] < 10_000_000
     features = b.encode_image(torch.randn(2, 3, 64, 64))
     assert features.shape == (2, 64)
-    for part in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
-        assert hasattr(b.model, part)
 
 
 def test_truncated_text_encoder_equals_open_clip(tiny_backbone):

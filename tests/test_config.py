@@ -36,7 +36,8 @@ def compose_with(overrides: list[str]):
 )
 def test_every_group_option_composes(group: str, option: str):
     cfg = compose_with([f"{group}={option}"])
-    assert OmegaConf.select(cfg, "seed") is not None
+    assert all(isinstance(OmegaConf.select(cfg, f"{part}.name"), str) for part in ("protocol", "dataset", "backbone", "method")), \
+        "the run directory is named by these"
     if group in ("method", "dataset", "backbone", "protocol"):
         node = cfg[group]
         assert "_target_" in node and node.name, f"{group}/{option} lacks _target_ or name"

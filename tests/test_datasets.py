@@ -4,6 +4,7 @@ the few-shot split cache, reference-pickle import, and `promptbench data check`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -312,6 +313,34 @@ def test_imagenet_family_wnids_and_mapping(data_root):
     assert v2.wnids == list(WNIDS) and imagenet_labels(v2, imagenet) == [0, 1, 2]
     assert ImageNetSketch(make_benchmark("imagenet_sketch", data_root)).wnids == sorted(WNIDS)
 
+
+
+def test_imagenet_without_classnames_file_takes_clip_names_in_sorted_wnid_order(data_root, caplog):
+    root = data_root / "imagenet"
+    wnids = [f"n{index:08d}" for index in range(1000)]
+    for split in ("train", "val"):
+        for wnid in random.Random(0).sample(wnids, len(wnids)):
+            (root / "images" / split / wnid).mkdir(parents=True)
+            (root / "images" / split / wnid / "0.JPEG").touch()  # building the split lists files, never opens them
+    with caplog.at_level(logging.INFO):
+        imagenet = ImageNet(root)
+    assert "no " + str(root / "classnames.txt") + "; using open_clip's CLIP ImageNet class names" in caplog.text
+    assert imagenet.wnids == wnids and len(imagenet.classnames) == 1000
+    # CLIP's names, in the order of its Prompt_Engineering_for_ImageNet notebook
+    assert imagenet.classnames[:3] + imagenet.classnames[7:8] + imagenet.classnames[-1:] == [
+        "tench", "goldfish", "great white shark", "rooster", "toilet paper"]
+    assert [item.classname for item in imagenet["test"].items] == imagenet.classnames
+
+    write_lines(root / "classnames.txt", [f"{wnid} class {index}" for index, wnid in enumerate(wnids)])
+    (root / "split_promptbench_index.json").unlink()
+    assert ImageNet(root).classnames[7] == "class 7"
+
+
+def test_imagenet_without_classnames_file_needs_the_1000_classes(data_root):
+    root = make_benchmark("imagenet", data_root)
+    (root / "classnames.txt").unlink()
+    with pytest.raises(PromptbenchError, match=r"no .*classnames.txt, and the 3 class folders in .*train are not the 1000"):
+        ImageNet(root)
 
 # ---- split building equals the reference's algorithm --------------------------------------------------------
 def reference_read_and_split_data(image_dir: Path, ignored=(), new_cnames=None, p_trn=0.5, p_val=0.2):

@@ -22,7 +22,8 @@ def test_metrics_by_hand():
     # per class: 2/3, 1/1, 1/2 over the three classes present
     assert metrics["mean_per_class"] == pytest.approx(100 * (2 / 3 + 1 + 0.5) / 3)
     assert metrics["top5"] == pytest.approx(100.0)
-    assert metrics["n"] == 6 and 0 <= metrics["ece"] <= 100
+    # every confidence is e^5 / (e^5 + 5): one bin, whose accuracy is 4/6
+    assert metrics["n"] == 6 and metrics["ece"] == pytest.approx(100 * (torch.softmax(logits[0], 0).max().item() - 4 / 6))
 
 
 def test_no_top5_below_five_classes():

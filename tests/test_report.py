@@ -47,7 +47,8 @@ def test_mean_std_ci_and_missing_seeds(results_dir):
     assert full.std == pytest.approx(statistics.pstdev([60, 62, 67]))
     assert full.ci95 == pytest.approx(4.303 * statistics.stdev([60, 62, 67]) / math.sqrt(3), rel=1e-3)
     partial = rows[("coop", "fewshot", 1, "test")]
-    assert sorted(partial.values) == [1, 3] and partial.ci95 is not None
+    assert sorted(partial.values) == [1, 3]
+    assert partial.ci95 == pytest.approx(12.706 * statistics.stdev([50, 54]) / math.sqrt(2), rel=1e-3)
     assert rows[("zeroshot", "fewshot", 0, "test")].ci95 is None
     assert rows[("coop", "base2new", 16, "base")].mean == pytest.approx(81.5)
 
@@ -73,3 +74,16 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
 def test_report_on_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no completed results.json" in capsys.readouterr().err
+
+
+def test_single_seed_rows_show_no_spread(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(results_dir), "--ci95", "--no-plots", "--out", str(out)]) == 0
+    header = "| method | dataset | backbone | protocol | shots | eval_set | top1_mean | std | ci95 | seeds | missing_seeds |"
+    printed = capsys.readouterr().out
+    assert header in printed
+    assert "| zeroshot | dtd | rn50 | fewshot | 0 | test | 42.00 | - | - | 1 | 2,3 |" in printed
+    assert "| coop | dtd | rn50 | fewshot | 1 | test | 52.00 | 2.00 | " in printed
+    assert printed.split("\n\nwritten:")[0] == (out / "report.md").read_text().rstrip("\n")
+    zeroshot = next(r for r in csv.DictReader((out / "report.csv").open()) if r["method"] == "zeroshot")
+    assert (zeroshot["std"], zeroshot["ci95"], zeroshot["seeds"]) == ("-", "-", "1")

@@ -127,7 +127,7 @@ def test_sample_scene_keeps_constraints():
         assert all((obj.shape, obj.colour, obj.size) == ("heart", "teal", "small") for obj in main)
         assert distractor.shape != "heart" and distractor.size == "small"
         assert (scene.texture, scene.style, len(scene.objects)) == ("wavy", "outline", 4)
-        assert all(0 <= obj.x <= 1 and 0 <= obj.y <= 1 for obj in scene.objects)
+        assert all(0.1 <= obj.x <= 0.9 and 0.1 <= obj.y <= 0.9 for obj in scene.objects)  # small: radius 0.1, wholly inside
 
 
 def test_sample_scene_style_weights_and_bad_names():

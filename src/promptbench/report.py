@@ -113,7 +113,8 @@ def table_records(rows: list[Row], metric: str = "top1", with_ci: bool = False) 
     for row in rows:
         record = {key: str(value) for key, value in zip(GROUP_KEYS, row.key)}
         record[f"{metric}_mean"] = f"{row.mean:.2f}"
-        record["std"] = f"{row.std:.2f}"
+        # One seed has no spread to report: "-" rather than a std of 0.00 that reads as a measured one.
+        record["std"] = f"{row.std:.2f}" if len(row.values) > 1 else "-"
         if with_ci:
             record["ci95"] = "-" if row.ci95 is None else f"{row.ci95:.2f}"
         record["seeds"] = str(len(row.values))

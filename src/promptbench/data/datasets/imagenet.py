@@ -14,6 +14,7 @@ depend on the filesystem (import its `split_fewshot/*.pkl` to reuse them exactly
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from promptbench.data.datasets.benchmark import BenchmarkDataset, read_lines
 from promptbench.data.datasets.folder import class_folders, list_images
 from promptbench.data.items import Item
 from promptbench.errors import PromptbenchError
+
+log = logging.getLogger(__name__)
 
 CLASSNAMES_FILE = "classnames.txt"
 INDEX_FILE = "split_promptbench_index.json"
@@ -80,18 +83,42 @@ class ImageNet(ImageNetFamily):
     folder = "imagenet"
     how_to_get = (
         "Download ILSVRC2012 from https://image-net.org so that <root> = <data_root>/imagenet holds "
-        "images/train/<wnid>/*.JPEG, images/val/<wnid>/*.JPEG (val sorted into wnid folders) and classnames.txt. "
+        "images/train/<wnid>/*.JPEG and images/val/<wnid>/*.JPEG (val sorted into wnid folders). An optional "
+        "classnames.txt sets the class names; without it they are CLIP's, which CoOp's file copies. "
         + CLASSNAMES_NOTE
     )
+    # classnames.txt is optional here (see clip_classnames).
+    split_sources = ()
 
     def build_splits(self) -> dict[str, list[Item]]:
-        names = self.classnames_by_wnid()
         wnids = [folder.name for folder in class_folders(self.image_dir / "train")]
+        names = self.classnames_by_wnid() if (self.root / CLASSNAMES_FILE).is_file() else self.clip_classnames(wnids)
         self.require("images/val")
         train = self.list_wnid_folders(self.image_dir / "train", wnids, names)
         # The standard practice the reference follows: the val images are the test set, and also the val set.
         test = self.list_wnid_folders(self.image_dir / "val", wnids, names)
         return {"train": train, "val": test, "test": test}
+
+    def clip_classnames(self, wnids: list[str]) -> dict[str, str]:
+        """CLIP's ImageNet class names, which CoOp's classnames.txt copies, matched to the sorted wnid folders.
+
+        open_clip ships the names without wnids, in ImageNet's label order: the sorted order of the 1000 wnids.
+        """
+        # Imported here: open_clip loads torch, which listing a dataset otherwise never needs.
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        if len(wnids) != len(IMAGENET_CLASSNAMES):
+            raise PromptbenchError(
+                f"dataset '{self.display_name}': no {self.root / CLASSNAMES_FILE}, and the {len(wnids)} class folders "
+                f"in {self.image_dir / 'train'} are not the {len(IMAGENET_CLASSNAMES)} ILSVRC2012 classes CLIP's "
+                f"ImageNet names are for. Add classnames.txt (lines '<wnid> <class name>', one per class folder) to "
+                f"name another set of classes. " + CLASSNAMES_NOTE
+            )
+        log.info(
+            "dataset '%s': no %s; using open_clip's CLIP ImageNet class names (the ones CoOp's classnames.txt "
+            "copies), matched to the %d sorted wnid folders", self.display_name, self.root / CLASSNAMES_FILE, len(wnids),
+        )
+        return dict(zip(wnids, IMAGENET_CLASSNAMES))
 
 
 class ImageNetVariant(ImageNetFamily):

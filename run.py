@@ -7,11 +7,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from promptbench.config import register_resolvers
 from promptbench.errors import PromptbenchError
 from promptbench.runner import record_failure, run
 
-register_resolvers()
 failed_jobs: list[str] = []
 
 

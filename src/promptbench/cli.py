@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from promptbench import paths
 from promptbench.errors import PromptbenchError
 
 
@@ -50,9 +50,9 @@ def cmd_interpret(args: argparse.Namespace) -> None:
 
 # ---- `promptbench cache ls|rm`: inspect and prune the feature cache -----------------------------------
 def _feature_store(args: argparse.Namespace):
-    from promptbench.data.features import FeatureStore, default_feature_cache_root
+    from promptbench.data.features import FeatureStore
 
-    return FeatureStore(args.root or default_feature_cache_root())
+    return FeatureStore(args.root or paths.feature_cache_dir())
 
 
 def _human_size(size: float) -> str:
@@ -112,7 +112,7 @@ def cmd_cache_rm(args: argparse.Namespace) -> None:
 def add_cache_parser(commands) -> None:
     cache = commands.add_parser("cache", help="list or prune the frozen-feature cache")
     actions = cache.add_subparsers(dest="cache_command", required=True)
-    root_help = "cache folder (default: $PROMPTBENCH_CACHE/features or ./.cache/promptbench/features, as conf/paths)"
+    root_help = f"cache folder (default: a run's paths.feature_cache_dir, here {paths.feature_cache_dir().resolve()})"
     ls = actions.add_parser("ls", help="table of cached feature sets: key summary, size, date")
     ls.add_argument("--root", help=root_help)
     ls.set_defaults(handler=cmd_cache_ls)
@@ -150,7 +150,7 @@ def cmd_data_splits(args: argparse.Namespace) -> None:
     # Seeded exactly as a run seeds itself before building its data, so this prints the split that run trains on.
     random.seed(args.seed)
     dataset = (DATASETS[args.dataset](Path(args.root)) if args.root
-               else open_dataset(args.dataset, os.environ.get("PROMPTBENCH_DATA", "data")))
+               else open_dataset(args.dataset, paths.data_root()))
     train, val = dataset.fewshot_splits(args.shots, args.seed)
     for split, items in (("train", train), ("val", val)):
         per_class = Counter(item.label for item in items)
@@ -162,17 +162,18 @@ def cmd_data_splits(args: argparse.Namespace) -> None:
 
 
 def add_data_parser(commands) -> None:
+    root_help = f"the dataset folder (default: its folder under a run's data_root, here {paths.data_root().resolve()})"
     data = commands.add_parser("data", help="inspect the benchmark datasets on disk")
     actions = data.add_subparsers(dest="data_command", required=True)
     check = actions.add_parser("check", help="check a dataset folder: layout, images per split and class, bad files")
     check.add_argument("dataset", help="registry name, e.g. dtd, imagenet, oxford_pets (see conf/dataset/)")
-    check.add_argument("--root", help="the dataset folder (default: $PROMPTBENCH_DATA/<its folder> or ./data/<its folder>)")
+    check.add_argument("--root", help=root_help)
     check.set_defaults(handler=cmd_data_check)
     splits = actions.add_parser("splits", help="write (or re-use) and print the few-shot split of (K, seed)")
     splits.add_argument("dataset", help="registry name, e.g. dtd, imagenet, synthetic_shapes")
     splits.add_argument("--shots", type=int, required=True)
     splits.add_argument("--seed", type=int, required=True)
-    splits.add_argument("--root", help="the dataset folder (default: its folder under $PROMPTBENCH_DATA or ./data)")
+    splits.add_argument("--root", help=root_help)
     splits.add_argument("--list", action="store_true", help="print every item (label, class name, path)")
     splits.set_defaults(handler=cmd_data_splits)
 

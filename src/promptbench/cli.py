@@ -19,27 +19,24 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_pretrain_mini(args: argparse.Namespace) -> None:
     import json
-    import shutil
     from pathlib import Path
 
-    from promptbench.backbones.backbone import BUNDLED_DIR
     from promptbench.io import write_json_atomic
-    from promptbench.pretrain import CARD_JSON, MINI_MODEL, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
+    from promptbench.tools.pretrain import CARD_JSON, MODEL_CARD, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
 
-    out = Path(args.out)
-    config = PretrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+    out = Path(args.out) if args.out else paths.output_root() / "pretrain-mini"
+    config = PretrainConfig(out_dir=str(out), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, workers=args.workers, threads=args.threads, device=args.device)
     weights = pretrain(config)
     accuracies = zero_shot_accuracies(weights, out / "data", device=args.device)
     trained = json.loads((out / "pretrain_config.json").read_text())
     write_json_atomic(out / CARD_JSON, {"pretrain": trained, "zero_shot_top1": accuracies})
-    write_model_card(out / "MODEL_CARD.md", trained, accuracies, weights)
+    write_model_card(out / MODEL_CARD, trained, accuracies, weights)
     print(json.dumps(accuracies, indent=2))
-    if args.install:
-        BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
-        for name in (weights.name, CARD_JSON, "MODEL_CARD.md"):
-            shutil.copy2(out / name, BUNDLED_DIR / name)
-        print(f"installed {MINI_MODEL} into {BUNDLED_DIR}")
+    print(f"\nwritten: {weights}, {out / CARD_JSON}, {out / MODEL_CARD}\n"
+          f"use these weights: python run.py backbone=mini backbone.pretrained={weights.resolve()}\n"
+          f"to ship them as the bundled mini (maintainers): copy the three files into src/promptbench/assets/; "
+          f"tests/test_mini.py then holds the weights to the new card's zero-shot accuracies.")
 
 
 def cmd_interpret(args: argparse.Namespace) -> None:
@@ -191,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     pre = commands.add_parser("pretrain-mini", help="pretrain the bundled mini CLIP on the synthetic world")
-    pre.add_argument("--out", default="outputs/pretrain-mini", help="run folder (resumes from its checkpoint)")
+    pre.add_argument("--out", help="run folder, resumed from its checkpoint; weights and model card land in it "
+                                   "(default: <paths.output_root>/pretrain-mini)")
     pre.add_argument("--steps", type=int, default=2000, help="the shipped weights: 2000 (about 28 min on 2 CPU cores)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--batch-size", type=int, default=256)
@@ -199,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=int, default=1, help="renderer processes (run at low priority)")
     pre.add_argument("--threads", type=int, default=2, help="torch threads for training")
     pre.add_argument("--device", default="cpu")
-    pre.add_argument("--install", action="store_true", help="copy weights and model card into the package")
     pre.set_defaults(handler=cmd_pretrain_mini)
 
     interpret = commands.add_parser("interpret", help="nearest vocabulary words of learned prompt context (CoOp, CoCoOp)")

@@ -1,6 +1,6 @@
 """`make bench`: promptbench's speed against straightforward reference-style code, at equal results.
 
-Sections (each writes rows to experiments/benchmarks.json and a Markdown table to experiments/benchmarks.md):
+Sections (each writes rows to <out>/benchmarks.json and a Markdown table to <out>/benchmarks.md):
 1. CoOp training step (forward + backward + SGD) and peak memory vs a reference-style step (every prompt
    re-tokenised each step, one 77-token text-encoder pass over all classes), batch 32, n_cls 10/100/1000;
    the two produce equal logits, checked before timing. `cached_views_ms`: the same step on cached image
@@ -43,7 +43,6 @@ from promptbench.methods.cocoop import CoCoOp
 from promptbench.methods.coop import CoOp
 from promptbench.results import device_info, package_versions
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 BATCH = 32
 
 
@@ -235,8 +234,8 @@ def bench_extraction(backbone: Backbone, device: torch.device, images: int, work
              "fraction_of_model_limit": pipeline_rate / model_rate}]
 
 
-def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds: list[int], device: torch.device,
-                workdir: Path) -> list[dict]:
+def bench_sweep(run_py: Path, backbone_name: str, methods: list[str], shots: list[int], seeds: list[int],
+                device: torch.device, workdir: Path) -> list[dict]:
     import subprocess
     import sys
 
@@ -245,7 +244,7 @@ def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds:
     rows = []
     for cache in (True, False):
         tag = f"sweep_cache_{'on' if cache else 'off'}"
-        command = [sys.executable, str(EXPERIMENTS.parent / "run.py"), "-m", f"backbone={backbone_name}",
+        command = [sys.executable, str(run_py), "-m", f"backbone={backbone_name}",
                    "dataset=synthetic_shapes", f"method={','.join(methods)}", f"shots={','.join(map(str, shots))}",
                    f"seed={','.join(map(str, seeds))}", f"feature_cache={str(cache).lower()}", "logger=none",
                    f"tag={tag}", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}"]
@@ -369,13 +368,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", default="mini", help="tiny | mini | an open_clip model name (random weights)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes for CI; no meaningful timings")
-    parser.add_argument("--out", default=str(EXPERIMENTS), help="folder for benchmarks.md / benchmarks.json")
+    parser.add_argument("--out", required=True, help="folder for benchmarks.md / benchmarks.json (make bench: experiments)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--run-py", type=Path, default=Path("run.py"),
+                        help="the checkout's run.py, which section sweep launches (default: ./run.py)")
     parser.add_argument("--sweep-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--text-models", nargs="+", default=["ViT-B-16-quickgelu", "RN50-quickgelu"],
                         help="open_clip configs whose text towers section 5 measures (random weights)")
     args = parser.parse_args(argv)
+    if "sweep" in args.sections and not args.run_py.is_file():
+        parser.error(f"section sweep launches `python run.py -m` and there is no {args.run_py.resolve()}: run from the "
+                     f"repository root, pass --run-py PATH, or leave sweep out of --sections")
     device = torch.device(args.device)
     backbone = bench_backbone(args.backbone, device)
     repeats = 2 if args.smoke else 10
@@ -390,11 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     if "sweep" in sections:
         with tempfile.TemporaryDirectory() as workdir:
             if args.smoke:
-                rows += bench_sweep(args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
+                rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
             else:
-                rows += bench_sweep(args.backbone, ["zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f",
-                                                    "clip_adapter"], args.sweep_shots, args.sweep_seeds, device,
-                                    Path(workdir))
+                rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "linear_probe", "tip_adapter",
+                                                                 "tip_adapter_f", "clip_adapter"],
+                                    args.sweep_shots, args.sweep_seeds, device, Path(workdir))
     if "text_flops" in sections:
         rows += bench_text_flops(device, ["promptbench-tiny"] if args.smoke else args.text_models,
                                  n_cls=4 if args.smoke else 100, repeats=2 if args.smoke else 5,

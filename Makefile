@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m promptbench.bench $(BENCH_ARGS)
+	$(PY) -m promptbench.tools.bench --out experiments $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

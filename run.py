@@ -7,10 +7,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from promptbench.config import register_resolvers
 from promptbench.errors import PromptbenchError
 
-register_resolvers()
 failed_jobs: list[str] = []
 
 

@@ -80,29 +80,17 @@ def find_results(root: Path) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def composed(overrides: tuple[str, ...]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from promptbench.config import compose_config
 
-    from promptbench.config import register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(REPO / "conf", overrides)
 
 
 def build_method(name: str, backbone, classnames, templates, *, overrides: Sequence[str] = (), **options):
     """A method exactly as a run builds it: its conf/method yaml (and optim) with `overrides` (Hydra syntax, e.g.
     "optim.optimizer.lr=0.05") composed, then the method `options` (Python values) set on top."""
-    from omegaconf import OmegaConf
+    from promptbench.config import method_from_config
 
-    from promptbench.runner import build
-
-    cfg = composed((f"method={name}", *overrides))
-    node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True) | options)
-    optim = build(cfg.optim) if cfg.get("optim") else None
-    return build(node, backbone=backbone, classnames=list(classnames), templates=list(templates), optim=optim,
-                       _convert_="partial")
+    return method_from_config(composed((f"method={name}", *overrides)), backbone, classnames, templates, **options)
 
 
 def epochs_of(name: str, *overrides: str) -> int | None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
-from promptbench.bench import main
+import pytest
+
+from conftest import REPO
+from promptbench.tools.bench import main
 
 
 def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
-    main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path)])
+    main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path), "--run-py", str(REPO / "run.py")])
     payload = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
     sections = {row["section"] for row in payload["rows"]}
     assert sections == {"coop_step", "cocoop_step", "extraction", "sweep", "text_flops", "speed_options"}
@@ -36,3 +39,11 @@ def test_bench_remeasures_only_the_named_sections(tmp_path):
     assert coop == [row for row in first["rows"] if row["section"] == "coop_step"]
     assert set(second["measured"]) == {"coop_step", "cocoop_step"}
     assert second["rows"][0]["section"] == "coop_step"  # sections keep their order
+
+
+def test_bench_sweep_without_run_py_stops_before_measuring(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path), "--run-py", str(tmp_path / "run.py")])
+    assert stopped.value.code == 2
+    assert "--run-py PATH" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

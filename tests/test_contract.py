@@ -15,7 +15,7 @@ from conftest import REPO, build_method, composed, find_results, run_py
 from promptbench.contract import DataContract, FeatureProvider, FeatureSet, FeatureViews, Views
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
-from promptbench.runner import build
+from promptbench.config import build
 
 PACKAGE = REPO / "src" / "promptbench"
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))

@@ -587,3 +587,13 @@ def test_data_splits_writes_the_split_a_run_trains_on(data_root, tmp_path, capsy
     fresh = make_benchmark("eurosat", tmp_path / "fresh")  # same files, no split file or cache yet
     train, val = open_seeded(EuroSAT, fresh, seed=2).fewshot_splits(1, 2)
     assert listed == [Path(item.path).relative_to(fresh) for item in [*train, *val]]
+
+
+def test_data_splits_reads_the_folder_a_run_reads_under_promptbench_root(tmp_path, capsys, monkeypatch):
+    # A run's data_root is $PROMPTBENCH_DATA, else $PROMPTBENCH_ROOT/data: the command must look there too.
+    root = make_benchmark("eurosat", tmp_path / "data")
+    monkeypatch.delenv("PROMPTBENCH_DATA", raising=False)
+    monkeypatch.setenv("PROMPTBENCH_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    assert cli_main(["data", "splits", "eurosat", "--shots", "1", "--seed", "2"]) == 0, capsys.readouterr().err
+    assert (root / "split_fewshot" / "shot_1-seed_2.json").is_file() and capsys.readouterr().out.startswith("train: ")

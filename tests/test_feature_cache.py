@@ -13,15 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from conftest import REPO
 from promptbench.cli import main as cli_main
 from promptbench.data.datamodule import FewShotDataModule, ViewPerEpochSampler
 from promptbench.data.datasets import FolderDataset
 from promptbench.contract import DataContract, FeatureSet, Views
-from promptbench.data.features import FeatureStore, default_feature_cache_root
+from promptbench.data.features import FeatureStore
 from promptbench.errors import PromptbenchError
 from promptbench.protocols import FewShot
 
@@ -218,13 +216,9 @@ def test_cache_rm_selects_by_backbone_age_and_digest(tmp_path, capsys):
     assert "removed 4 entries" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cache_env", [None, "/somewhere/cache"])
-def test_default_cache_root_is_the_configs(monkeypatch, cache_env):
-    monkeypatch.delenv("PROMPTBENCH_ROOT", raising=False)
-    if cache_env is None:
-        monkeypatch.delenv("PROMPTBENCH_CACHE", raising=False)
-    else:
-        monkeypatch.setenv("PROMPTBENCH_CACHE", cache_env)
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config")
-    assert default_feature_cache_root() == Path(cfg.paths.feature_cache_dir)
+def test_cache_commands_default_to_the_runs_feature_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PROMPTBENCH_CACHE", raising=False)
+    monkeypatch.setenv("PROMPTBENCH_ROOT", str(tmp_path))
+    fill_store(tmp_path / ".cache" / "promptbench" / "features")
+    assert cli_main(["cache", "ls"]) == 0
+    assert f"feature cache {tmp_path}/.cache/promptbench/features: 4 entries" in capsys.readouterr().out

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import hydra
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file
 
 from promptbench.backbones import load_backbone
 from promptbench.backbones.backbone import BUNDLED_DIR
 from promptbench.backbones.weights import EMBEDDING_IDS_KEY, EMBEDDING_ROWS_KEY
-from conftest import find_results, run_py
-from promptbench.pretrain import CARD_JSON, MINI_MODEL, PretrainConfig, pretrain, zero_shot_accuracies
+from conftest import REPO, find_results, run_py
+from promptbench.cli import main as cli_main
+from promptbench.tools.pretrain import CARD_JSON, MINI_MODEL, MODEL_CARD, PretrainConfig, pretrain, zero_shot_accuracies
 
 CARD = json.loads((BUNDLED_DIR / CARD_JSON).read_text())
 # Same code, weights and rendered images: only floating-point summation order may differ between machines.
@@ -60,6 +65,26 @@ def test_pretraining_runs_exports_compactly_and_resumes(tmp_path):
     assert steps == ["1", "2", "3"], "a resumed run continues from its checkpoint"
     loaded = load_backbone("mini", MINI_MODEL, str(weights))
     assert loaded.encode_text(loaded.tokenize(["a red star"])).isfinite().all()
+
+
+@pytest.mark.slow
+def test_pretrain_mini_writes_only_into_out_and_its_weights_load_as_backbone_mini(tmp_path, capsys):
+    shipped = {path.name: path.stat().st_mtime_ns for path in BUNDLED_DIR.iterdir()}
+    out = tmp_path / "run"
+    assert cli_main(["pretrain-mini", "--out", str(out), "--steps", "1", "--batch-size", "8", "--workers", "0",
+                     "--threads", "1"]) == 0
+    assert {path.name: path.stat().st_mtime_ns for path in BUNDLED_DIR.iterdir()} == shipped
+    weights = out / f"{MINI_MODEL}.safetensors"
+    assert weights.is_file() and (out / CARD_JSON).is_file() and (out / MODEL_CARD).is_file()
+    override = f"backbone.pretrained={weights.resolve()}"
+    printed = capsys.readouterr().out
+    assert f"backbone=mini {override}" in printed and "src/promptbench/assets/" in printed
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["backbone=mini", override])
+    backbone = hydra.utils.instantiate(cfg.backbone)
+    assert backbone.fingerprint == f"{MINI_MODEL}|sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()}"
 
 
 def test_coop_on_the_mini_world_improves_over_zero_shot(run_env, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from promptbench.data.synthetic import (
+from promptbench.tools.miniworld import (
     COLOURS,
     SHAPES,
     STYLES,
@@ -31,8 +31,8 @@ from promptbench.data.synthetic import (
     sample_pretraining_scene,
     sample_scene,
 )
-from promptbench.data.synthetic import tasks as tasks_module
-from promptbench.data.synthetic.captions import COARSE_COLOUR, COLOUR_WORDS, FINE_NAME_PROBABILITY, SHAPE_NOUNS, SIZE_WORDS, STYLE_PREFIXES, STYLE_SUFFIXES
+from promptbench.tools.miniworld import tasks as tasks_module
+from promptbench.tools.miniworld.captions import COARSE_COLOUR, COLOUR_WORDS, FINE_NAME_PROBABILITY, SHAPE_NOUNS, SIZE_WORDS, STYLE_PREFIXES, STYLE_SUFFIXES
 
 TINY_SPLITS = {"train": 2, "val": 1, "test": 1}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from promptbench import paths
 from promptbench.errors import PromptbenchError
 
 
@@ -19,27 +19,24 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_pretrain_mini(args: argparse.Namespace) -> None:
     import json
-    import shutil
     from pathlib import Path
 
-    from promptbench.backbones.backbone import BUNDLED_DIR
     from promptbench.io import write_json_atomic
-    from promptbench.pretrain import CARD_JSON, MINI_MODEL, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
+    from promptbench.tools.pretrain import CARD_JSON, MODEL_CARD, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
 
-    out = Path(args.out)
-    config = PretrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+    out = Path(args.out) if args.out else paths.output_root() / "pretrain-mini"
+    config = PretrainConfig(out_dir=str(out), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, workers=args.workers, threads=args.threads, device=args.device)
     weights = pretrain(config)
     accuracies = zero_shot_accuracies(weights, out / "data", device=args.device)
     trained = json.loads((out / "pretrain_config.json").read_text())
     write_json_atomic(out / CARD_JSON, {"pretrain": trained, "zero_shot_top1": accuracies})
-    write_model_card(out / "MODEL_CARD.md", trained, accuracies, weights)
+    write_model_card(out / MODEL_CARD, trained, accuracies, weights)
     print(json.dumps(accuracies, indent=2))
-    if args.install:
-        BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
-        for name in (weights.name, CARD_JSON, "MODEL_CARD.md"):
-            shutil.copy2(out / name, BUNDLED_DIR / name)
-        print(f"installed {MINI_MODEL} into {BUNDLED_DIR}")
+    print(f"\nwritten: {weights}, {out / CARD_JSON}, {out / MODEL_CARD}\n"
+          f"use these weights: python run.py backbone=mini backbone.pretrained={weights.resolve()}\n"
+          f"to ship them as the bundled mini (maintainers): copy the three files into src/promptbench/assets/; "
+          f"tests/test_mini.py then holds the weights to the new card's zero-shot accuracies.")
 
 
 def cmd_interpret(args: argparse.Namespace) -> None:
@@ -50,9 +47,9 @@ def cmd_interpret(args: argparse.Namespace) -> None:
 
 # ---- `promptbench cache ls|rm`: inspect and prune the feature cache -----------------------------------
 def _feature_store(args: argparse.Namespace):
-    from promptbench.data.features import FeatureStore, default_feature_cache_root
+    from promptbench.data.features import FeatureStore
 
-    return FeatureStore(args.root or default_feature_cache_root())
+    return FeatureStore(args.root or paths.feature_cache_dir())
 
 
 def _human_size(size: float) -> str:
@@ -112,7 +109,7 @@ def cmd_cache_rm(args: argparse.Namespace) -> None:
 def add_cache_parser(commands) -> None:
     cache = commands.add_parser("cache", help="list or prune the frozen-feature cache")
     actions = cache.add_subparsers(dest="cache_command", required=True)
-    root_help = "cache folder (default: $PROMPTBENCH_CACHE/features or ./.cache/promptbench/features, as conf/paths)"
+    root_help = f"cache folder (default: a run's paths.feature_cache_dir, here {paths.feature_cache_dir().resolve()})"
     ls = actions.add_parser("ls", help="table of cached feature sets: key summary, size, date")
     ls.add_argument("--root", help=root_help)
     ls.set_defaults(handler=cmd_cache_ls)
@@ -150,7 +147,7 @@ def cmd_data_splits(args: argparse.Namespace) -> None:
     # Seeded exactly as a run seeds itself before building its data, so this prints the split that run trains on.
     random.seed(args.seed)
     dataset = (DATASETS[args.dataset](Path(args.root)) if args.root
-               else open_dataset(args.dataset, os.environ.get("PROMPTBENCH_DATA", "data")))
+               else open_dataset(args.dataset, paths.data_root()))
     train, val = dataset.fewshot_splits(args.shots, args.seed)
     for split, items in (("train", train), ("val", val)):
         per_class = Counter(item.label for item in items)
@@ -162,17 +159,18 @@ def cmd_data_splits(args: argparse.Namespace) -> None:
 
 
 def add_data_parser(commands) -> None:
+    root_help = f"the dataset folder (default: its folder under a run's data_root, here {paths.data_root().resolve()})"
     data = commands.add_parser("data", help="inspect the benchmark datasets on disk")
     actions = data.add_subparsers(dest="data_command", required=True)
     check = actions.add_parser("check", help="check a dataset folder: layout, images per split and class, bad files")
     check.add_argument("dataset", help="registry name, e.g. dtd, imagenet, oxford_pets (see conf/dataset/)")
-    check.add_argument("--root", help="the dataset folder (default: $PROMPTBENCH_DATA/<its folder> or ./data/<its folder>)")
+    check.add_argument("--root", help=root_help)
     check.set_defaults(handler=cmd_data_check)
     splits = actions.add_parser("splits", help="write (or re-use) and print the few-shot split of (K, seed)")
     splits.add_argument("dataset", help="registry name, e.g. dtd, imagenet, synthetic_shapes")
     splits.add_argument("--shots", type=int, required=True)
     splits.add_argument("--seed", type=int, required=True)
-    splits.add_argument("--root", help="the dataset folder (default: its folder under $PROMPTBENCH_DATA or ./data)")
+    splits.add_argument("--root", help=root_help)
     splits.add_argument("--list", action="store_true", help="print every item (label, class name, path)")
     splits.set_defaults(handler=cmd_data_splits)
 
@@ -190,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     pre = commands.add_parser("pretrain-mini", help="pretrain the bundled mini CLIP on the synthetic world")
-    pre.add_argument("--out", default="outputs/pretrain-mini", help="run folder (resumes from its checkpoint)")
+    pre.add_argument("--out", help="run folder, resumed from its checkpoint; weights and model card land in it "
+                                   "(default: <paths.output_root>/pretrain-mini)")
     pre.add_argument("--steps", type=int, default=2000, help="the shipped weights: 2000 (about 28 min on 2 CPU cores)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--batch-size", type=int, default=256)
@@ -198,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=int, default=1, help="renderer processes (run at low priority)")
     pre.add_argument("--threads", type=int, default=2, help="torch threads for training")
     pre.add_argument("--device", default="cpu")
-    pre.add_argument("--install", action="store_true", help="copy weights and model card into the package")
     pre.set_defaults(handler=cmd_pretrain_mini)
 
     interpret = commands.add_parser("interpret", help="nearest vocabulary words of learned prompt context (CoOp, CoCoOp)")

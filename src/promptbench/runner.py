@@ -18,10 +18,9 @@ import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from promptbench.config import build
 from promptbench.console import EpochProgress, quiet_libraries, trainer_output
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.features import FeatureStore
@@ -46,16 +45,6 @@ LEARNED_FILE = "learned.safetensors"
 # The reference CoOp runs the whole CLIP in half precision; Lightning calls that "16-true".
 PRECISION_ALIASES = {"fp16-pure": "16-true"}
 PREDICTIONS_FILE = "predictions.pt"
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """`instantiate`, letting our own user-facing errors through unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, PromptbenchError):
-            raise error.__cause__ from None
-        raise
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:

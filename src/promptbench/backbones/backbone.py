@@ -232,7 +232,7 @@ def bundled_weights(name: str, model_name: str) -> Path:
     if not path.is_file():
         raise PromptbenchError(
             f"backbone '{name}': no bundled weights for {model_name} at {path}. Reinstall promptbench, or "
-            f"recreate them with `promptbench pretrain-mini --install`."
+            f"train your own with `promptbench pretrain-mini` and pass them as backbone.pretrained=<file>."
         )
     return path
 

@@ -233,11 +233,3 @@ class FeatureStore:
         # The features file goes first, so a concurrent reader either finds a whole entry or none.
         for path in entry.files():
             path.unlink(missing_ok=True)
-
-
-def default_feature_cache_root() -> Path:
-    """The cache root that conf/paths/default.yaml gives (`paths.feature_cache_dir`), for commands run outside Hydra."""
-    cache_dir = os.environ.get("PROMPTBENCH_CACHE") or str(
-        Path(os.environ.get("PROMPTBENCH_ROOT", ".")) / ".cache" / "promptbench"
-    )
-    return Path(cache_dir) / "features"

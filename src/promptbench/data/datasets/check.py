@@ -16,13 +16,9 @@ from PIL import Image
 from promptbench.data.datasets.base import DATASETS, SPLITS, Dataset
 from promptbench.data.datasets.benchmark import BenchmarkDataset
 from promptbench.errors import PromptbenchError
+from promptbench.paths import data_root
 
 SCAN_THREADS = 8  # file checks wait on the disk, not the CPU
-
-
-def default_data_root() -> Path:
-    """The configs' `data_root`: $PROMPTBENCH_DATA, else <PROMPTBENCH_ROOT or .>/data."""
-    return Path(os.environ.get("PROMPTBENCH_DATA") or Path(os.environ.get("PROMPTBENCH_ROOT", ".")) / "data")
 
 
 def image_problem(path: str) -> str | None:
@@ -69,7 +65,7 @@ def check_dataset(name: str, root: str | Path | None = None) -> CheckReport:
     if root is None:
         if not issubclass(cls, BenchmarkDataset):
             raise PromptbenchError(f"dataset '{name}' has no default folder: pass --root DIR")
-        root = default_data_root() / cls.folder
+        root = data_root() / cls.folder
     root = Path(root).expanduser()
     options = {"write_splits": False} if issubclass(cls, BenchmarkDataset) else {}
     dataset: Dataset = cls(root, **options)

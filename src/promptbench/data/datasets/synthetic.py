@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from promptbench.data.datasets.folder import FolderDataset
-from promptbench.data.synthetic import TASKS, materialize
+from promptbench.tools.miniworld import TASKS, materialize
 from promptbench.errors import PromptbenchError
 
 SYNTHETIC_FOLDER = "synthetic"

@@ -1,10 +1,10 @@
 """`make bench`: promptbench's speed against straightforward reference-style code, at equal results.
 
-Sections (each writes rows to experiments/benchmarks.json and a Markdown table to experiments/benchmarks.md):
+Sections (each writes rows to <out>/benchmarks.json and a Markdown table to <out>/benchmarks.md):
 1. CoOp training step (forward + backward + SGD) and peak memory vs a reference-style step (every prompt
    re-tokenised each step, one 77-token text-encoder pass over all classes), batch 32, n_cls 10/100/1000;
    the two produce equal logits, checked before timing. `cached_views_ms`: the same step on cached image
-   features (`method.cached_views=N`, no image tower).
+   features (`method.views.n=N`, no image tower).
 2. CoCoOp step, batched (one text pass over B x n_cls prompts) vs the per-image loop, batch 32.
 3. Image feature extraction (decode + transform + model, through the DataLoader) vs the bare model
    forward on pre-decoded tensors: how close the pipeline gets to the model's own limit.
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 
 from promptbench.backbones import Backbone, load_backbone
 from promptbench.io import atomic_path, write_json_atomic
+from promptbench.config import compose_config, method_from_config
 from promptbench.methods.cocoop import CoCoOp
 from promptbench.methods.coop import CoOp
 from promptbench.results import device_info, package_versions
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 BATCH = 32
 
 
@@ -153,13 +153,18 @@ def training_step(logits_fn: Callable[[], torch.Tensor], labels: torch.Tensor, o
 
 
 # ---- sections -------------------------------------------------------------------------------------------
-def bench_coop(backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
+def configured(conf: Path, name: str, backbone: Backbone, classnames: list[str]):
+    """The method with its conf/method defaults, as a run builds it."""
+    return method_from_config(compose_config(conf, [f"method={name}"]), backbone, classnames, ["a photo of a {}."])
+
+
+def bench_coop(conf: Path, backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
     rows = []
     images = torch.randn(BATCH, 3, backbone.image_size, backbone.image_size, device=device)
     for n_cls in class_counts:
         names = class_names(n_cls)
         labels = torch.randint(0, n_cls, (BATCH,), device=device)
-        method = CoOp(backbone, names, ["a photo of a {}."]).to(device)
+        method = configured(conf, "coop", backbone, names).to(device)
         ctx = method.prompt_learner.ctx
         with torch.no_grad():
             ours, reference = method(images), reference_coop_logits(backbone, names, ctx, images)
@@ -167,7 +172,7 @@ def bench_coop(backbone: Backbone, device: torch.device, class_counts: list[int]
         optimizer = torch.optim.SGD([ctx], lr=1e-4, momentum=0.9)
         ours_s, ours_mb = timed(training_step(lambda: method(images), labels, optimizer), device, repeats)
         with torch.no_grad():
-            cached_features = method.image_features(images)  # what method.cached_views=N trains on
+            cached_features = method.image_features(images)  # what method.views.n=N trains on
         cached_s, _ = timed(training_step(lambda: method.class_logits(cached_features), labels, optimizer), device, repeats)
         ref_s, ref_mb = timed(training_step(lambda: reference_coop_logits(backbone, names, ctx, images), labels, optimizer),
                               device, repeats)
@@ -179,13 +184,13 @@ def bench_coop(backbone: Backbone, device: torch.device, class_counts: list[int]
     return rows
 
 
-def bench_cocoop(backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
+def bench_cocoop(conf: Path, backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
     rows = []
     images = torch.randn(BATCH, 3, backbone.image_size, backbone.image_size, device=device)
     for n_cls in class_counts:
         names = class_names(n_cls)
         labels = torch.randint(0, n_cls, (BATCH,), device=device)
-        method = CoCoOp(backbone, names, ["a photo of a {}."]).to(device)
+        method = configured(conf, "cocoop", backbone, names).to(device)
         with torch.no_grad():
             max_diff = (method(images) - reference_cocoop_logits(method, images)).abs().max().item()
         trainable = [p for p in method.parameters() if p.requires_grad]
@@ -235,8 +240,8 @@ def bench_extraction(backbone: Backbone, device: torch.device, images: int, work
              "fraction_of_model_limit": pipeline_rate / model_rate}]
 
 
-def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds: list[int], device: torch.device,
-                workdir: Path) -> list[dict]:
+def bench_sweep(run_py: Path, backbone_name: str, methods: list[str], shots: list[int], seeds: list[int],
+                device: torch.device, workdir: Path) -> list[dict]:
     import subprocess
     import sys
 
@@ -245,7 +250,7 @@ def bench_sweep(backbone_name: str, methods: list[str], shots: list[int], seeds:
     rows = []
     for cache in (True, False):
         tag = f"sweep_cache_{'on' if cache else 'off'}"
-        command = [sys.executable, str(EXPERIMENTS.parent / "run.py"), "-m", f"backbone={backbone_name}",
+        command = [sys.executable, str(run_py), "-m", f"backbone={backbone_name}",
                    "dataset=synthetic_shapes", f"method={','.join(methods)}", f"shots={','.join(map(str, shots))}",
                    f"seed={','.join(map(str, seeds))}", f"feature_cache={str(cache).lower()}", "logger=none",
                    f"tag={tag}", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}"]
@@ -289,7 +294,7 @@ def text_tower_step(method: CoOp, device: torch.device, autocast: torch.dtype | 
     return step
 
 
-def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, repeats: int,
+def bench_text_flops(conf: Path, device: torch.device, model_names: list[str], n_cls: int, repeats: int,
                      matmul_size: int) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -297,7 +302,7 @@ def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, r
     peak = matmul_flops_per_s(device, dtype, matmul_size, repeats)
     rows = []
     for model_name in model_names:
-        method = CoOp(bench_backbone(model_name, device), class_names(n_cls), ["a photo of a {}."]).to(device)
+        method = configured(conf, "coop", bench_backbone(model_name, device), class_names(n_cls)).to(device)
         step = text_tower_step(method, device, None if dtype == torch.float32 else dtype)
         with FlopCounterMode(display=False) as counter:
             step()
@@ -310,10 +315,10 @@ def bench_text_flops(device: torch.device, model_names: list[str], n_cls: int, r
     return rows
 
 
-def bench_speed_options(backbone_name: str, device: torch.device, n_cls: int, repeats: int) -> list[dict]:
+def bench_speed_options(conf: Path, backbone_name: str, device: torch.device, n_cls: int, repeats: int) -> list[dict]:
     default = bench_backbone(backbone_name, device)
     accelerated = bench_backbone(backbone_name, device).accelerate(compile_text=True, channels_last=True)
-    methods = [CoOp(backbone, class_names(n_cls), ["a photo of a {}."]).to(device) for backbone in (default, accelerated)]
+    methods = [configured(conf, "coop", backbone, class_names(n_cls)).to(device) for backbone in (default, accelerated)]
     methods[1].load_state_dict(methods[0].state_dict())
     with torch.no_grad():
         text_diff = (methods[1].text_features() - methods[0].text_features()).abs().max().item()
@@ -369,38 +374,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", default="mini", help="tiny | mini | an open_clip model name (random weights)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes for CI; no meaningful timings")
-    parser.add_argument("--out", default=str(EXPERIMENTS), help="folder for benchmarks.md / benchmarks.json")
+    parser.add_argument("--out", required=True, help="folder for benchmarks.md / benchmarks.json (make bench: experiments)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--run-py", type=Path, default=Path("run.py"),
+                        help="the checkout's run.py, which section sweep launches (default: ./run.py)")
+    parser.add_argument("--conf", type=Path, default=Path("conf"),
+                        help="the checkout's conf/, whose method defaults the step sections use (default: ./conf)")
     parser.add_argument("--sweep-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--text-models", nargs="+", default=["ViT-B-16-quickgelu", "RN50-quickgelu"],
                         help="open_clip configs whose text towers section 5 measures (random weights)")
     args = parser.parse_args(argv)
+    if "sweep" in args.sections and not args.run_py.is_file():
+        parser.error(f"section sweep launches `python run.py -m` and there is no {args.run_py.resolve()}: run from the "
+                     f"repository root, pass --run-py PATH, or leave sweep out of --sections")
     device = torch.device(args.device)
     backbone = bench_backbone(args.backbone, device)
     repeats = 2 if args.smoke else 10
     sections = set(args.sections)
     rows = []
     if "coop_step" in sections:
-        rows += bench_coop(backbone, device, [4] if args.smoke else [10, 100, 1000], repeats)
+        rows += bench_coop(args.conf, backbone, device, [4] if args.smoke else [10, 100, 1000], repeats)
     if "cocoop_step" in sections:
-        rows += bench_cocoop(backbone, device, [4] if args.smoke else [10, 100], repeats)
+        rows += bench_cocoop(args.conf, backbone, device, [4] if args.smoke else [10, 100], repeats)
     if "extraction" in sections:
         rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
     if "sweep" in sections:
         with tempfile.TemporaryDirectory() as workdir:
             if args.smoke:
-                rows += bench_sweep(args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
+                rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
             else:
-                rows += bench_sweep(args.backbone, ["zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f",
-                                                    "clip_adapter"], args.sweep_shots, args.sweep_seeds, device,
-                                    Path(workdir))
+                rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "linear_probe", "tip_adapter",
+                                                                 "tip_adapter_f", "clip_adapter"],
+                                    args.sweep_shots, args.sweep_seeds, device, Path(workdir))
     if "text_flops" in sections:
-        rows += bench_text_flops(device, ["promptbench-tiny"] if args.smoke else args.text_models,
+        rows += bench_text_flops(args.conf, device, ["promptbench-tiny"] if args.smoke else args.text_models,
                                  n_cls=4 if args.smoke else 100, repeats=2 if args.smoke else 5,
                                  matmul_size=256 if args.smoke else 4096 if device.type == "cuda" else 1024)
     if "speed_options" in sections:
-        rows += bench_speed_options(args.backbone, device, n_cls=4 if args.smoke else 100, repeats=repeats)
+        rows += bench_speed_options(args.conf, args.backbone, device, n_cls=4 if args.smoke else 100, repeats=repeats)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": device_info(device), "versions": package_versions(),
             "smoke": args.smoke, "backbone": backbone.describe(), "host": platform.node()}
     out = Path(args.out)

@@ -13,8 +13,8 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image
 
-from promptbench.data.synthetic.captions import caption
-from promptbench.data.synthetic.render import Scene, render, sample_scene
+from promptbench.tools.miniworld.captions import caption
+from promptbench.tools.miniworld.render import Scene, render, sample_scene
 
 # "sketch" is held out and "pixelated"/"noisy" are rare, leaving room for domain-shift tasks downstream.
 PRETRAIN_STYLE_WEIGHTS: Mapping[str, float] = MappingProxyType(

@@ -4,9 +4,9 @@
 classification task (see `TASKS`) to disk as class folders.
 """
 
-from promptbench.data.synthetic.captions import caption
-from promptbench.data.synthetic.pairs import PRETRAIN_STYLE_WEIGHTS, iter_pairs, make_pair, sample_pretraining_scene
-from promptbench.data.synthetic.render import (
+from promptbench.tools.miniworld.captions import caption
+from promptbench.tools.miniworld.pairs import PRETRAIN_STYLE_WEIGHTS, iter_pairs, make_pair, sample_pretraining_scene
+from promptbench.tools.miniworld.render import (
     COLOURS,
     SHAPES,
     SIZES,
@@ -18,7 +18,7 @@ from promptbench.data.synthetic.render import (
     render,
     sample_scene,
 )
-from promptbench.data.synthetic.tasks import TASKS, TASKS_VERSION, TaskSpec, class_folder, materialize
+from promptbench.tools.miniworld.tasks import TASKS, TASKS_VERSION, TaskSpec, class_folder, materialize
 
 __all__ = [
     "COLOURS",

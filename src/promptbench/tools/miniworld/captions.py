@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from promptbench.data.synthetic.render import COLOURS, SHAPES, STYLES, TEXTURES, Obj, Scene, position_name
+from promptbench.tools.miniworld.render import COLOURS, SHAPES, STYLES, TEXTURES, Obj, Scene, position_name
 
 # (singular, plural) nouns per shape; the first is the canonical one, used for class names.
 SHAPE_NOUNS: dict[str, tuple[tuple[str, str], ...]] = {

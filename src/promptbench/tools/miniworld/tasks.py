@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from promptbench.data.synthetic.captions import COARSE_COLOUR, SHAPE_NOUNS
-from promptbench.data.synthetic.render import SHAPES, TEXTURES, Scene, render, sample_scene
+from promptbench.tools.miniworld.captions import COARSE_COLOUR, SHAPE_NOUNS
+from promptbench.tools.miniworld.render import SHAPES, TEXTURES, Scene, render, sample_scene
 
 # Bump whenever rendering, sampling or a task definition changes: materialised tasks are then rebuilt.
 TASKS_VERSION = 1

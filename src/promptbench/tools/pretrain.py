@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 MINI_MODEL = "promptbench-mini"
 # Machine-readable model card: the training config and the zero-shot accuracies the tests hold it to.
 CARD_JSON = f"{MINI_MODEL}.card.json"
+MODEL_CARD = "MODEL_CARD.md"
 
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "outputs/pretrain-mini"
+    out_dir: str
     seed: int = 0
     steps: int = 2000
     batch_size: int = 256
@@ -61,7 +62,7 @@ class PairStream(IterableDataset):
         self.to_tensor = T.Compose([T.Resize(image_size), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from promptbench.data.synthetic import make_pair
+        from promptbench.tools.miniworld import make_pair
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -186,9 +187,9 @@ def zero_shot_accuracies(weights: Path, data_root: Path, device: str = "cpu") ->
     from promptbench.backbones import load_backbone
     from promptbench.data.datasets import SyntheticDataset
     from promptbench.data.features import extract_features
-    from promptbench.data.synthetic import TASKS
     from promptbench.data.transforms import test_transform
     from promptbench.methods.prompts import text_classifier
+    from promptbench.tools.miniworld import TASKS
 
     backbone = load_backbone("mini", MINI_MODEL, str(weights))
     transform = test_transform(backbone.image_size, backbone.mean, backbone.std)
@@ -205,7 +206,7 @@ def zero_shot_accuracies(weights: Path, data_root: Path, device: str = "cpu") ->
 
 
 def write_model_card(path: Path, config: dict, accuracies: dict[str, float], weights: Path) -> None:
-    from promptbench.data.synthetic import TASKS
+    from promptbench.tools.miniworld import TASKS
 
     rows = "\n".join(
         f"| {task} | {len(TASKS[task].classnames)} | {100 / len(TASKS[task].classnames):.1f} | {accuracies[task]:.2f} |"
@@ -225,7 +226,7 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
   used by the training captions are stored; every other token maps to a zero vector.
 
 ## Training
-- Data: image-caption pairs from `promptbench.data.synthetic.make_pair` (stream seed {config['seed']}): 13 shapes,
+- Data: image-caption pairs from `promptbench.tools.miniworld.make_pair` (stream seed {config['seed']}): 13 shapes,
   17 colours, 2 sizes, 1-3 objects, 9 background textures; styles shaded/flat/outline (30% each),
   pixelated/noisy (5% each); the sketch style is held out (never seen) for the domain-shift task.
   Vocabulary gap: captions call maroon, navy, teal, gold and lime by their own name only 10% of the time
@@ -235,7 +236,7 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
   {config['weight_decay']}, {config['warmup_steps']} warm-up steps then cosine, batch {config['batch_size']},
   {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), bf16 autocast.
 - Cost: {config.get('train_minutes', '?')} minutes on {config['device']} ({config['threads']} threads).{history}
-- Reproduce: `promptbench pretrain-mini --steps {config['steps']} --seed {config['seed']} --install`.
+- Reproduce: `promptbench pretrain-mini --steps {config['steps']} --seed {config['seed']} --out DIR` (weights and card land in DIR).
 
 ## Zero-shot accuracy (test split, first hand-crafted template, world seed 0)
 

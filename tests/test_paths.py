@@ -64,7 +64,7 @@ def test_command_line_overrides_win_and_move_what_lies_under_them(monkeypatch):
 def test_a_process_that_only_imports_promptbench_resolves_the_configs():
     # A SLURM job unpickles its task and config without running run.py: importing any promptbench module must do.
     code = ("import promptbench.errors; from omegaconf import OmegaConf; "
-            "cfg = OmegaConf.create({'data': '${default_path:data_root,/r}', 'epochs': '${coop_epochs:4,dtd}'}); "
+            "cfg = OmegaConf.create({'data': '${default_path:data_root,/r}', 'epochs': '${coop_epochs:4}'}); "
             "print(cfg.data, cfg.epochs)")
     environment = {name: value for name, value in os.environ.items() if name not in VARIABLES}
     result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)

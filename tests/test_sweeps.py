@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -210,3 +212,55 @@ def test_a_signal_stops_training_at_a_clean_epoch_and_the_rerun_resumes(stop_sig
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     [results] = find_results(tmp_path / "outputs")
     assert results["resumed_from_checkpoint"] and results["status"] == "completed"
+
+
+KILLED = [arg for arg in COOP if not arg.startswith(("trainer.max_epochs=", "num_workers="))] + ["trainer.max_epochs=12"]
+
+
+def run_dir_of(outputs: Path, tag: str) -> Path:
+    return outputs / tag / "fewshot" / "folder" / "tiny" / "coop" / "shots4_seed3"
+
+
+def kill_mid_training(args: list[str], env: dict[str, str], checkpoint: Path, after_epoch: int) -> None:
+    """Start a run and SIGKILL its whole process group (loader workers too) once `after_epoch` is checkpointed."""
+    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoint.is_file() and torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] >= after_epoch:
+                time.sleep(0.1)  # into the next epoch: kill -9 leaves its batches half done
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_killed_recipe(toy_root, tmp_path_factory):
+    """The reference result: the same run, never interrupted, without loader workers."""
+    outputs = tmp_path_factory.mktemp("whole")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTBENCH_OUTPUT": str(outputs),
+           "PROMPTBENCH_CACHE": str(outputs / "cache"), "OMP_NUM_THREADS": "1"}
+    result = run_py([*KILLED, f"dataset.root={toy_root}", "num_workers=0", "tag=whole"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir_of(outputs, "whole")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(workers, toy_root, run_env, tmp_path,
+                                                                    uninterrupted_killed_recipe):
+    args = [*KILLED, f"dataset.root={toy_root}", f"num_workers={workers}", "tag=killed"]
+    run_dir = run_dir_of(tmp_path / "outputs", "killed")
+    kill_mid_training(args, run_env, run_dir / "checkpoints" / "last.ckpt", after_epoch=3)
+    assert not (run_dir / "results.json").exists(), "the run finished before it could be killed"
+    resumed = run_py(args, run_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = json.loads((uninterrupted_killed_recipe / "results.json").read_text())
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["resumed_from_checkpoint"] and again["training"]["epochs"] == 12
+    assert again["metrics"]["test"] == whole["metrics"]["test"]
+    expected = safetensors.torch.load_file(uninterrupted_killed_recipe / "learned.safetensors")
+    for key, value in safetensors.torch.load_file(run_dir / "learned.safetensors").items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)

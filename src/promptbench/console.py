@@ -75,7 +75,7 @@ class EpochProgress(L.Callback):
         if not trainer.is_global_zero:
             return
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs or 0
-        step = max(total // 10, 1)
+        step = max(-(-total // 10), 1)  # a line per tenth of the epochs, rounded up
         if not self.interactive and epoch % step and epoch != total:
             return
         metrics = trainer.callback_metrics

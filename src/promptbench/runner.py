@@ -147,7 +147,7 @@ def completed_run(cfg: DictConfig, run_dir: Path, backbone_fingerprint: str) -> 
     raise PromptbenchError(
         f"{path} holds a completed run with another configuration (differs in: {', '.join(differing)}). "
         f"Give this variant its own directory with tag=<name> (in a sweep over options, interpolate them: "
-        f"'tag=lr${{method.lr}}'), or replace it with overwrite=true."
+        f"'tag=lr${{optim.optimizer.lr}}'), or replace it with overwrite=true."
     )
 
 

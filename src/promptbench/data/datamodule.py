@@ -172,13 +172,20 @@ class FewShotDataModule(L.LightningDataModule):
         )
 
     # ---- loaders -----------------------------------------------------------------------------------
+    def _starting_epoch(self) -> int:
+        """The epoch the fit loop runs first: after a resume, the one after the checkpoint. Loader workers take
+        their first indices from the sampler when the loader starts, which on a resume is before Lightning's
+        own `set_epoch`: the sampler must start at the right epoch by itself."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+
     def _image_train_loader(self) -> DataLoader:
         """Shuffle order and augmentations depend only on (seed, epoch, image), never on earlier epochs, so a
         run resumed from an epoch checkpoint sees exactly the batches an uninterrupted run would."""
         items = self.sets["train"].items
         dataset = EpochAugmentedImages(items, self.train_transform, self.skip_bad_images, self.seed)
-        return DataLoader(dataset, batch_size=self.contract.batch_size,
-                          sampler=EpochKeyedSampler(len(items), self.seed),
+        sampler = EpochKeyedSampler(len(items), self.seed)
+        sampler.set_epoch(self._starting_epoch())
+        return DataLoader(dataset, batch_size=self.contract.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=collate_skipping_bad, pin_memory=torch.cuda.is_available())
 
@@ -189,6 +196,7 @@ class FewShotDataModule(L.LightningDataModule):
             stacked.features.flatten(0, 1), stacked.labels.repeat(views.n), stacked.index.repeat(views.n)
         )
         sampler = ViewPerEpochSampler(items, views.n, self.seed)
+        sampler.set_epoch(self._starting_epoch())
         return DataLoader(dataset, batch_size=self.contract.batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:

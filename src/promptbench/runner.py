@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from promptbench.config import build
+from promptbench.config import build, check_run_config
 from promptbench.console import EpochProgress, quiet_libraries, trainer_output
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.features import FeatureStore
@@ -189,19 +189,6 @@ class Job:
     epochs_run: int | None = None
 
 
-def check_run_options(cfg: DictConfig, method: Method) -> None:
-    """Refuse, before anything runs, the combinations that would write results of an untrained model."""
-    if method.uses_train_data and not cfg.eval_only and int(cfg.shots) < 1:
-        raise PromptbenchError(f"method '{method.name}' learns from the training images: shots={cfg.shots} gives it "
-                               f"none. Use shots >= 1, or method=zeroshot for a run without training data.")
-    if cfg.eval_only and method.uses_train_data and not cfg.ckpt_path:
-        raise PromptbenchError(f"eval_only=true evaluates learned parameters, but ckpt_path is not set: pass "
-                               f"ckpt_path=<run dir>/{LEARNED_FILE} of a finished '{method.name}' run")
-    epochs = cfg.trainer.get("max_epochs")
-    if method.trains and not cfg.eval_only and (epochs is None or int(epochs) < 1):
-        raise PromptbenchError(f"method '{method.name}' trains: trainer.max_epochs must be >= 1, got {epochs}")
-
-
 def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, started_at: str) -> Job:
     """Stage 1 (after the backbone): task, method, trainer, data module, loggers."""
     job = Job(cfg, run_dir, timer, started_at, backbone)
@@ -214,7 +201,6 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         optim = build(cfg.optim) if cfg.get("optim") else None
         job.method = build(cfg.method, backbone=backbone, classnames=job.task.train.classnames,
                            templates=job.task.train.templates, optim=optim)
-    check_run_options(cfg, job.method)
     refuse_untransferable(job.method, job.task, cfg.protocol.name)
     job.loggers = build_loggers(cfg)
     job.resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
@@ -311,6 +297,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     An identical completed run in the same directory is not repeated: its results are returned.
     """
+    check_run_config(cfg)
     quiet_libraries(bool(cfg.get("verbose")))
     run_dir = Path(run_dir)
     timer = PhaseTimer()

@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 from promptbench.errors import PromptbenchError
 
 failed_jobs: list[str] = []
+# The payloads of this process's jobs: a local sweep ends with one table of them.
+finished_jobs: list[dict] = []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -20,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:
-        run(cfg, run_dir)
+        finished_jobs.append(run(cfg, run_dir))
     except Exception as error:
         record_failure(cfg, run_dir, error)
         if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -35,6 +37,10 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    if len(finished_jobs) + len(failed_jobs) > 1:
+        from promptbench.runner import sweep_table
+
+        print("\n" + sweep_table(finished_jobs))
     if failed_jobs:
         print(f"\n{len(failed_jobs)} job(s) failed; see results.json in:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
         sys.exit(1)

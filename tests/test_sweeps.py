@@ -33,6 +33,11 @@ def test_local_multirun_runs_one_job_per_seed(toy_root, run_env, tmp_path):
     results = find_results(tmp_path / "outputs")
     assert sorted(r["seed"] for r in results) == [1, 2]
     assert all(r["_dir"].endswith(f"shots2_seed{r['seed']}") for r in results)
+    # The sweep ends with one table: a row per job and eval set, with the job's top-1.
+    table = result.stdout[result.stdout.rindex("method  "):].splitlines()
+    assert [row.split()[4] for row in table[1:]] == ["1", "2"]
+    assert [float(row.split()[-1]) for row in table[1:]] == [r["metrics"]["test"]["top1"] for r in
+                                                              sorted(results, key=lambda r: r["seed"])]
 
 
 @pytest.mark.slurm

@@ -80,6 +80,18 @@ def summary_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(payloads: list[dict[str, Any]]) -> str:
+    """One line per job and eval set of a sweep: what ran and its top-1."""
+    lines = [f"{'method':<16}{'dataset':<20}{'backbone':<10}{'shots':>6}{'seed':>6}  {'eval set':<20}{'top1':>8}"]
+    for payload in payloads:
+        for name, values in payload.get("metrics", {}).items():
+            if "top1" in values:
+                lines.append(f"{payload['method']:<16}{payload['dataset']:<20}{payload['backbone']['name']:<10}"
+                             f"{payload['shots']:>6}{payload['seed']:>6}  {name:<20}{values['top1']:>8.2f}"
+                             + ("  (skipped: done before)" if payload.get("skipped") else ""))
+    return "\n".join(lines)
+
+
 def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, task: Task,
              timer: PhaseTimer) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
     metrics: dict[str, dict[str, float]] = {}

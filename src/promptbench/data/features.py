@@ -190,7 +190,7 @@ class FeatureStore:
                                                           "dim": int(features.features.shape[-1])})
             with atomic_path(path) as tmp:
                 save_file(features.tensors(), str(tmp))
-            log.info("cached features of %s/%s -> %s", key.get("dataset"), key.get("set"), path)
+            log.debug("cached features of %s/%s -> %s", key.get("dataset"), key.get("set"), path)
         return features
 
     @staticmethod

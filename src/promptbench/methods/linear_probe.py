@@ -127,7 +127,7 @@ class LinearProbe(Method):
         self.set_classifier(fitted[best])
         self.c.fill_(best)
         self.notes = {"C": best, "val_top1": 100.0 * val_accuracy(best), "fits": len(fitted)}
-        log.info("linear probe: C=%.4g (val top-1 %.2f, %d fits)", best, self.notes["val_top1"], len(fitted))
+        log.debug("linear probe: C=%.4g (val top-1 %.2f, %d fits)", best, self.notes["val_top1"], len(fitted))
 
     def run_notes(self) -> dict[str, Any]:
         return dict(self.notes)

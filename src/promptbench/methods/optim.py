@@ -40,8 +40,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
 class Optimization:
     """An optimiser partial plus the reference schedule; `configure` is what `configure_optimizers` returns."""
 
-    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], interval: Literal["epoch", "step"] = "epoch",
-                 warmup: int = 0, warmup_lr: float | None = None, name: str | None = None):
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], *, interval: Literal["epoch", "step"],
+                 warmup: int, warmup_lr: float | None, name: str | None = None):
         if interval not in INTERVALS:
             raise PromptbenchError(f"optim.interval must be one of {INTERVALS}, got {interval!r}")
         if int(warmup) < 0:

@@ -42,10 +42,10 @@ class PromptLearner(nn.Module):
         self,
         backbone: Backbone,
         classnames: Sequence[str],
-        n_ctx: int = 16,
-        ctx_init: str | None = None,
-        csc: bool = False,
-        class_token_position: str = "end",
+        n_ctx: int,
+        ctx_init: str | None,
+        csc: bool,
+        class_token_position: str,
     ):
         super().__init__()
         if class_token_position not in CLASS_TOKEN_POSITIONS:

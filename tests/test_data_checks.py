@@ -1,5 +1,5 @@
 """Data problems that would otherwise give silently wrong numbers or raw tracebacks: class names that collide
-in the prompt, empty and short classes, dataset roots that cannot be used."""
+in the prompt, empty and short classes, skipped unreadable images, dataset roots that cannot be used."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import errno
 import logging
 import os
 import random
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import COLOURS, draw_disc
+from promptbench.contract import DataContract
+from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.datasets import FolderDataset, SyntheticDataset
+from promptbench.data.features import FeatureStore
 from promptbench.data.items import Item, LabeledSet, class_counts
+from promptbench.data.loading import image_loader
 from promptbench.errors import PromptbenchError
 from promptbench.protocols import FewShot
+from test_feature_cache import KeyRecorder, stand_in_backbone
 
 
 def write_classes(root: Path, images_per_split: dict[str, dict[str, int]]) -> Path:
@@ -86,6 +93,66 @@ def test_class_counts_cover_every_class_and_keep_shared_names_apart():
     assert class_counts(LabeledSet(items, ["missile", "cat", "missile"])) == {
         "missile [label 0]": 1, "cat": 0, "missile [label 2]": 2,
     }
+
+
+@pytest.fixture()
+def corrupt_train_root(toy_root, tmp_path) -> Path:
+    root = shutil.copytree(toy_root, tmp_path / "corrupt")
+    (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    return root
+
+
+def fewshot_datamodule(task, contract: DataContract, store: FeatureStore, **options) -> FewShotDataModule:
+    return FewShotDataModule(task.sets(), task.source, stand_in_backbone(), contract, device=torch.device("cpu"),
+                             feature_store=store, num_workers=0, eval_batch_size=4, **options)
+
+
+def test_unreadable_train_images_are_left_out_named_and_listed(corrupt_train_root, caplog):
+    corrupt = str(corrupt_train_root / "train" / "red" / "0.png")
+    task = FewShot().build(FolderDataset(corrupt_train_root), -1)  # every train image, the corrupt one too
+    recorder = KeyRecorder()
+    module = fewshot_datamodule(task, DataContract("images", batch_size=5), recorder, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING):
+        batches = list(module.train_dataloader())
+        features = module.features("train")
+    [named] = [m for m in caplog.messages if corrupt in m]  # once, though the loader and the features read the set
+    assert named.startswith(f"folder/train: skipped unreadable image {corrupt} (") and "Error" in named
+    assert module.skipped_images() == {"train": [corrupt]}, "val has not been read yet"
+    module.labeled_set("val")
+    assert module.skipped_images() == {"train": [corrupt], "val": []}
+    assert class_counts(module.labeled_set("train")) == {"blue": 8, "green": 8, "red": 7}
+    assert sum(len(labels) for _, labels, _ in batches) == 23, "training never meets the unreadable image"
+    assert all(batch is not None for batch in batches) and len(features.labels) == 23
+    assert recorder.keys[-1]["count"] == 23
+
+
+def test_without_skipping_an_unreadable_train_image_stops_the_run(corrupt_train_root):
+    task = FewShot().build(FolderDataset(corrupt_train_root), -1)
+    module = fewshot_datamodule(task, DataContract("images", batch_size=5), KeyRecorder())
+    assert module.labeled_set("train") is task.train and module.skipped_images() == {}
+    with pytest.raises(PromptbenchError, match=r"red/0\.png.*skip_bad_images=true"):
+        list(module.train_dataloader())
+
+
+def test_a_train_set_without_a_readable_image_is_refused(tmp_path):
+    root = write_classes(tmp_path / "bad", {"train": {"blue": 2}, "test": {"blue": 2}})
+    for path in (root / "train" / "blue").iterdir():
+        path.write_bytes(b"not an image")
+    task = FewShot().build(FolderDataset(root), -1)
+    module = fewshot_datamodule(task, DataContract("images", batch_size=5), KeyRecorder(), skip_bad_images=True)
+    with pytest.raises(PromptbenchError, match=r"folder/train: none of its \d images can be read"):
+        module.labeled_set("train")
+
+
+def test_skipped_eval_images_are_named_in_the_log(toy_root, tmp_path, caplog):
+    root = shutil.copytree(toy_root, tmp_path / "corrupt_test")
+    corrupt = root / "test" / "green" / "1.png"
+    corrupt.write_bytes(b"garbage")
+    loader = image_loader(FolderDataset(root)["test"].items, lambda image: torch.zeros(1), batch_size=4,
+                          num_workers=0, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING):
+        assert sum(len(labels) for _, labels, _ in filter(None, loader)) == 17
+    assert any(f"skipped unreadable image {corrupt}" in message for message in caplog.messages)
 
 
 def test_a_dataset_root_that_is_a_file_says_so(tmp_path):

@@ -330,6 +330,9 @@ def test_imagenet_without_classnames_file_takes_clip_names_in_sorted_wnid_order(
     assert imagenet.classnames[:3] + imagenet.classnames[7:8] + imagenet.classnames[-1:] == [
         "tench", "goldfish", "great white shark", "rooster", "toilet paper"]
     assert [item.classname for item in imagenet["test"].items] == imagenet.classnames
+    # CLIP's names give two pairs of classes one name each: the published protocol, kept and noted, not refused.
+    [shared] = imagenet.data_notes
+    assert "'missile' (label 657" in shared and "'sunglasses' (label 837" in shared and shared in caplog.messages
 
     write_lines(root / "classnames.txt", [f"{wnid} class {index}" for index, wnid in enumerate(wnids)])
     (root / "split_promptbench_index.json").unlink()

@@ -7,6 +7,7 @@ sets the contract `reads`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
@@ -16,10 +17,15 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from promptbench.backbones import Backbone
 from promptbench.contract import DataContract, FeatureSet, FeatureViews, Views
 from promptbench.data.features import FeatureStore, SeededViewDataset, extract_features, files_digest, view_seed
-from promptbench.data.loading import collate_skipping_bad, image_loader
+from promptbench.data.loading import ImageProblems, collate_skipping_bad, image_loader
 from promptbench.data.transforms import DEFAULT_CROP_SCALE, test_transform, train_transform
 from promptbench.errors import PromptbenchError
 from promptbench.data.items import LabeledSet
+
+log = logging.getLogger(__name__)
+# The sets a method trains and prepares on. They are small (K shots per class), so with skip_bad_images their
+# images are checked once before first use; the eval sets' skipped images show in their predictions instead.
+FEWSHOT_SETS = ("train", "val")
 
 
 class ViewPerEpochSampler(Sampler[int]):
@@ -120,6 +126,8 @@ class FewShotDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.skip_bad_images = skip_bad_images
         self.seed = seed
+        self._readable_sets: dict[str, LabeledSet] = {}
+        self._skipped_images: dict[str, list[str]] = {}
         unknown = [name for name in contract.reads if name not in self.sets]
         if unknown:
             raise PromptbenchError(f"the method reads set(s) {unknown}, which this protocol does not have "
@@ -127,6 +135,38 @@ class FewShotDataModule(L.LightningDataModule):
         size, mean, std = backbone.image_size, backbone.mean, backbone.std
         self.test_transform = test_transform(size, mean, std)
         self.train_transform = train_transform(size, mean, std, scale=tuple(train_crop_scale))
+
+    # ---- the sets as the run reads them ------------------------------------------------------------
+    def labeled_set(self, name: str) -> LabeledSet:
+        """A set as this run reads it. With skip_bad_images a few-shot set (train, val) leaves out its unreadable
+        images, found by decoding each once before the set's first use: training never meets one, and each is
+        named in the log and listed by `skipped_images`."""
+        if name not in self.sets:
+            raise PromptbenchError(f"no set '{name}' in this task (has {sorted(self.sets)})")
+        if not self.skip_bad_images or name not in FEWSHOT_SETS:
+            return self.sets[name]
+        if name not in self._readable_sets:
+            self._leave_out_unreadable(name)
+        return self._readable_sets[name]
+
+    def skipped_images(self) -> dict[str, list[str]]:
+        """For each few-shot set read so far, the paths of the unreadable images left out of it (with
+        skip_bad_images; {} without). An eval set's skipped images are the ones its predictions lack."""
+        return {name: list(paths) for name, paths in self._skipped_images.items()}
+
+    def _leave_out_unreadable(self, name: str) -> None:
+        labeled = self.sets[name]
+        problems = list(DataLoader(ImageProblems(labeled.items), batch_size=None, num_workers=self.num_workers))
+        readable = [item for item, problem in zip(labeled.items, problems) if problem is None]
+        unreadable = [(item.path, problem) for item, problem in zip(labeled.items, problems) if problem is not None]
+        for path, problem in unreadable:
+            log.warning("%s/%s: skipped unreadable image %s (%s)", self.source, name, path, problem)
+        if labeled.items and not readable:
+            path, problem = unreadable[0]
+            raise PromptbenchError(f"{self.source}/{name}: none of its {len(labeled)} images can be read, e.g. {path} "
+                                   f"({problem}). Fix the files or the dataset.root.")
+        self._readable_sets[name] = LabeledSet(readable, labeled.classnames, labeled.templates)
+        self._skipped_images[name] = [path for path, _ in unreadable]
 
     @property
     def provider(self) -> "ContractFeatures":
@@ -146,9 +186,7 @@ class FewShotDataModule(L.LightningDataModule):
         return FeatureViews.stack([self._cached_view(name, augmentation, view) for view in range(views.n)])
 
     def _cached_view(self, name: str, transform: Callable, view: int | None) -> FeatureSet:
-        if name not in self.sets:
-            raise PromptbenchError(f"no set '{name}' in this task (has {sorted(self.sets)})")
-        items = self.sets[name].items
+        items = self.labeled_set(name).items
         augment_seed = None if view is None else view_seed(self.seed, view)
         key = {
             "backbone": self.backbone.fingerprint,
@@ -181,7 +219,7 @@ class FewShotDataModule(L.LightningDataModule):
     def _image_train_loader(self) -> DataLoader:
         """Shuffle order and augmentations depend only on (seed, epoch, image), never on earlier epochs, so a
         run resumed from an epoch checkpoint sees exactly the batches an uninterrupted run would."""
-        items = self.sets["train"].items
+        items = self.labeled_set("train").items
         dataset = EpochAugmentedImages(items, self.train_transform, self.skip_bad_images, self.seed)
         sampler = EpochKeyedSampler(len(items), self.seed)
         sampler.set_epoch(self._starting_epoch())

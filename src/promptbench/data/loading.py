@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,6 +10,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from promptbench.data.images import BadImageError, load_rgb
 from promptbench.data.items import Item
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -26,11 +29,29 @@ class ImageDataset(torch.utils.data.Dataset):
         item = self.items[index]
         try:
             image = load_rgb(item.path)
-        except BadImageError:
+        except BadImageError as error:
             if self.skip_bad_images:
+                log.warning("skipped unreadable image %s (%s)", item.path, error.reason)
                 return None
             raise
         return self.transform(image), item.label, index
+
+
+class ImageProblems(torch.utils.data.Dataset):
+    """Yields, per item, None if its image decodes, else what is wrong with the file."""
+
+    def __init__(self, items: Sequence[Item]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> str | None:
+        try:
+            load_rgb(self.items[index].path)
+        except BadImageError as error:
+            return error.reason
+        return None
 
 
 def collate_skipping_bad(batch: list[Any]):

@@ -114,9 +114,9 @@ class BenchmarkDataset(Dataset):
             )
 
     # ---- few-shot splits -------------------------------------------------------------------------------
-    def fewshot_splits(self, shots: int, seed: int | None) -> tuple[list[Item], list[Item]]:
+    def draw_fewshot_splits(self, shots: int, seed: int | None) -> tuple[list[Item], list[Item]]:
         if shots == ALL_SHOTS or seed is None:
-            return super().fewshot_splits(shots, seed)
+            return super().draw_fewshot_splits(shots, seed)
         relpath = fewshot_file(shots, seed)
         found = self.find_file(relpath)
         if found is not None:
@@ -131,7 +131,7 @@ class BenchmarkDataset(Dataset):
                 splits["val"] = sample_fewshot(self["val"].items, val_shots(shots))
             self.check_fewshot_items(splits, reference_pickle)
         else:
-            train, val = super().fewshot_splits(shots, seed)
+            train, val = super().draw_fewshot_splits(shots, seed)
             splits = {"train": train, "val": val}
         self.save_file(relpath, lambda path: write_split_file(path, {s: splits[s] for s in FEWSHOT_SPLITS}, self.image_dir))
         return splits["train"], splits["val"]

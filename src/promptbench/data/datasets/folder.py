@@ -61,7 +61,7 @@ class FolderDataset(Dataset):
         classes = [p.name for p in class_folders(self.root / "train")]
         if not classes:
             raise PromptbenchError(f"dataset '{self.display_name}': no class folders in {self.root / 'train'}")
-        splits: dict[str, list[Item]] = {}
+        listings: dict[str, dict[str, list[Path]]] = {}
         for split in ("train", "val", "test"):
             folder = self.root / split
             if not folder.is_dir():
@@ -72,17 +72,28 @@ class FolderDataset(Dataset):
                 raise PromptbenchError(
                     f"dataset '{self.display_name}': {folder} has class folders missing from train: {unknown[:5]}"
                 )
-            splits[split] = self._items(found, classes)
+            listings[split] = found
+        classes = self._without_empty_classes(classes, list(listings.values()))
+        splits = {split: self._items(found, classes) for split, found in listings.items()}
         if "val" not in splits:
             # No val folder: hold out a fixed 20% of each train class, so few-shot val never touches test.
             rng = random.Random(SPLIT_SEED)
-            by_class = {p.name: list_images(p) for p in class_folders(self.root / "train")}
             train, val = {}, {}
             for name in classes:
-                kept, held, rest = split_per_class(by_class[name], (0.8, 0.2), rng)
+                kept, held, rest = split_per_class(listings["train"][name], (0.8, 0.2), rng)
                 train[name], val[name] = kept + rest, held
             splits["train"], splits["val"] = self._items(train, classes), self._items(val, classes)
         return {split: splits[split] for split in ("train", "val", "test")}
+
+    def _without_empty_classes(self, classes: list[str], listings: list[dict[str, list[Path]]]) -> list[str]:
+        """A class folder without a single image (in any split) is no class: left out, and said so."""
+        empty = [name for name in classes if not any(listing.get(name) for listing in listings)]
+        if empty:
+            self.note_reading(
+                f"dataset '{self.display_name}' under {self.root}: {len(empty)} class folder(s) without images are "
+                f"left out: {empty}"
+            )
+        return [name for name in classes if name not in empty]
 
     def _split_single_folder(self) -> dict[str, list[Item]]:
         classes = [p.name for p in class_folders(self.root)]
@@ -90,9 +101,11 @@ class FolderDataset(Dataset):
             raise PromptbenchError(
                 f"dataset '{self.display_name}': no class folders in {self.root}.{self.how_to_get_text()}"
             )
+        images = {name: list_images(self.root / name) for name in classes}
+        classes = self._without_empty_classes(classes, [images])
         rng = random.Random(SPLIT_SEED)
         parts: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}, "test": {}}
         for name in classes:
-            train, val, test = split_per_class(list_images(self.root / name), self.fractions, rng)
+            train, val, test = split_per_class(images[name], self.fractions, rng)
             parts["train"][name], parts["val"][name], parts["test"][name] = train, val, test
         return {split: self._items(paths, classes) for split, paths in parts.items()}

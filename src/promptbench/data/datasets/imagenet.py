@@ -45,6 +45,8 @@ def read_wnid_classnames(path: Path) -> dict[str, str]:
 class ImageNetFamily(BenchmarkDataset):
     split_file = INDEX_FILE
     split_sources = (CLASSNAMES_FILE,)
+    # CLIP's ImageNet names, which CoOp's classnames.txt copies, give two pairs of classes one name each.
+    published_shared_prompts = frozenset({"missile", "sunglasses"})
 
     def wnid_of(self, item: Item) -> str:
         """Class folders are named by wnid (ImageNetV2 overrides: its folders are numbered)."""

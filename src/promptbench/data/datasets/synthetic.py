@@ -33,7 +33,18 @@ class SyntheticDataset(FolderDataset):
         return cls(Path(data_root).expanduser() / SYNTHETIC_FOLDER, **kwargs)
 
     def prepare_root(self) -> None:
-        materialize(self.task, self.root.parent, seed=self.world_seed, image_size=self.image_size)
+        try:
+            materialize(self.task, self.root.parent, seed=self.world_seed, image_size=self.image_size)
+        except OSError as error:
+            raise PromptbenchError(
+                f"dataset '{self.display_name}': the synthetic task {self.task} is not rendered in {self.root.parent} "
+                f"yet (or was rendered with other settings), and rendering it there failed: "
+                f"{error.strerror or error} ({error.filename or self.root.parent}). Set data_root=<a writable folder> "
+                f"(the task renders into <data_root>/{SYNTHETIC_FOLDER} on first use) or dataset.root=<a writable "
+                f"folder>, or render it once where {self.root.parent} is writable: python -c \"from "
+                f"promptbench.tools.miniworld import materialize; materialize('{self.task}', '{self.root.parent}', "
+                f"seed={self.world_seed}, image_size={self.image_size})\""
+            ) from None
 
 
 def registered_name(task: str) -> str:

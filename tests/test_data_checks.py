@@ -187,3 +187,22 @@ def test_an_unrendered_synthetic_task_in_a_read_only_folder_says_how_to_render_i
     assert f"the synthetic task synth_shapes is not rendered in {read_only}" in message
     assert "Permission denied" in message and "Set data_root=<a writable folder>" in message
     assert f"materialize('synth_shapes', '{read_only}', seed=0, image_size=64)" in message
+
+
+def test_results_json_records_the_data_the_run_really_used(tmp_path, run_env):
+    from conftest import find_results, run_py
+
+    root = write_classes(tmp_path / "data", {"train": {"blue": 6, "green": 2, "grey": 0, "red": 6},
+                                             "test": {"blue": 2, "green": 2, "grey": 2, "red": 2}})
+    (root / "train" / "red" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    result = run_py(["method=linear_probe", "backbone=tiny", "dataset=folder", f"dataset.root={root}", "shots=4",
+                     "dataset.skip_bad_images=true", "logger=none", "num_workers=0"], run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [payload] = find_results(tmp_path / "outputs")
+    data = payload["data"]
+    # grey's train folder is empty but its test images keep it a class; green has 2 train images for 4 shots.
+    assert data["class_counts"]["train"]["green"] == 2 and data["class_counts"]["train"]["blue"] == 4
+    assert data["skipped_images"]["train"] + data["class_counts"]["train"]["red"] == 4
+    assert data["skipped_images"]["train"] == 1 and data["skipped_files"]["train"][0].endswith("red/0.png")
+    assert any("green" in note for note in data["notes"])
+    assert "red/0.png" in result.stdout + result.stderr

@@ -24,6 +24,7 @@ from promptbench.config import build, check_run_config
 from promptbench.console import EpochProgress, quiet_libraries, trainer_output
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.features import FeatureStore
+from promptbench.data.items import class_counts
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path
 from promptbench.methods.base import Method
@@ -190,6 +191,7 @@ class Job:
     timer: PhaseTimer
     started_at: str
     backbone: Any
+    dataset: Any = None
     task: Task | None = None
     method: Method | None = None
     trainer: L.Trainer | None = None
@@ -207,8 +209,8 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        dataset = build(cfg.dataset)
-        job.task = build(cfg.protocol).build(dataset, cfg.shots)
+        job.dataset = build(cfg.dataset)
+        job.task = build(cfg.protocol).build(job.dataset, cfg.shots)
     with timer("build/method"):
         optim = build(cfg.optim) if cfg.get("optim") else None
         job.method = build(cfg.method, backbone=backbone, classnames=job.task.train.classnames,
@@ -266,6 +268,20 @@ def fit_or_prepare(job: Job) -> None:
         method.save_learned(job.run_dir / LEARNED_FILE)
 
 
+def data_record(job: Job) -> dict[str, Any]:
+    """What the run's data really was: images per class of the few-shot sets as used (after any unreadable
+    image was left out), the files skipped per set, and what reading the dataset left out or could not fill."""
+    datamodule = job.datamodule
+    fewshot = [name for name in ("train", "val") if name in datamodule.sets]
+    skipped = datamodule.skipped_images()
+    return {
+        "class_counts": {name: class_counts(datamodule.labeled_set(name)) for name in fewshot},
+        "skipped_images": {name: len(skipped.get(name, [])) for name in fewshot},
+        "skipped_files": {name: paths for name, paths in skipped.items() if paths},
+        "notes": list(job.dataset.data_notes),
+    }
+
+
 def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Stage 5: predictions (if asked), results.json, the job's summary."""
     cfg, method, task, backbone, trainer = job.cfg, job.method, job.task, job.backbone, job.trainer
@@ -286,6 +302,7 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
         "metrics": metrics,
         "method_notes": method.run_notes(),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
+        "data": data_record(job),
         "feature_cache": {"extractions": job.feature_store.extractions, "hits": job.feature_store.hits},
         "timings_s": job.timer.seconds,
         "started_at": job.started_at,

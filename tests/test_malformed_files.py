@@ -8,9 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from conftest import find_results, run_py
+from conftest import build_method, find_results, run_py
+from promptbench.errors import PromptbenchError
+from promptbench.methods.base import read_learned
 from promptbench.results import MalformedResults, read_results
+from test_coop import CLASSNAMES, TEMPLATES, loader, random_images, trainer
 
 ZEROSHOT = ["method=zeroshot", "backbone=tiny", "dataset=folder", "shots=2", "logger=none", "num_workers=0"]
 RUN_DIRS = Path("outputs/default/fewshot/folder/tiny/zeroshot")
@@ -99,3 +104,76 @@ def test_a_failure_before_skip_if_done_is_recorded_over_a_malformed_results_json
     assert f"{path} is not a usable results file: it is empty" in result.stderr and str(aside) in result.stderr
     [results] = find_results(tmp_path / "outputs")
     assert results["status"] == "failed" and "no.pt" in results["error"]["message"]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lightning_checkpoint(tiny_backbone, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A checkpoint as Lightning writes it (optimizer, schedule, loops, callbacks), and the context it holds."""
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2)
+    run = trainer(epochs=1)
+    run.fit(method, loader(random_images(4), torch.tensor([0, 1, 2, 0]), batch_size=2))
+    path = tmp_path_factory.mktemp("checkpoint") / "last.ckpt"
+    run.save_checkpoint(path)
+    return path, method.prompt_learner.ctx.detach().clone()
+
+
+def test_a_lightning_checkpoint_loads_without_unpickling_code(lightning_checkpoint, tiny_backbone):
+    path, ctx = lightning_checkpoint
+    fresh = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2)
+    fresh.load_learned(path)
+    torch.testing.assert_close(fresh.prompt_learner.ctx, ctx, rtol=0, atol=0)
+
+
+class WritesAFile:
+    """Unpickling this runs code: it creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def bad_checkpoints(folder: Path, lightning_checkpoint: Path) -> list[Path]:
+    learned = folder / "learned.safetensors"
+    save_file({"prompt_learner.ctx": torch.zeros(2, 64)}, str(learned))
+    checkpoint = lightning_checkpoint.read_bytes()
+    files = {"image.ckpt": PNG, "image.pt": PNG, "image.safetensors": PNG, "empty.ckpt": b"",
+             "truncated.ckpt": checkpoint[: len(checkpoint) // 2], "truncated.safetensors": learned.read_bytes()[:-10],
+             "json.ckpt": b'{"state_dict": {}}'}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    torch.save({"state_dict": {}, "hparams": WritesAFile(folder / "pwned")}, folder / "code.ckpt")
+    torch.save({"epoch": 3}, folder / "no_state_dict.ckpt")
+    return [folder / name for name in (*files, "code.ckpt", "no_state_dict.ckpt")]
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_with_the_option_and_the_file(lightning_checkpoint, tmp_path):
+    for path in bad_checkpoints(tmp_path, lightning_checkpoint[0]):
+        with pytest.raises(PromptbenchError) as refused:
+            read_learned(path, option="ckpt_path")
+        message = str(refused.value)
+        assert message.startswith(f"ckpt_path={path} is not a checkpoint promptbench can read: "), path.name
+        assert "Expected a Lightning .ckpt" in message and "learned.safetensors" in message, path.name
+        assert "weights_only" not in message, path.name
+    assert not (tmp_path / "pwned").exists(), "a checkpoint's pickled code ran"
+
+
+def test_a_malformed_sidecar_is_refused_by_name(tmp_path):
+    learned = tmp_path / "learned.safetensors"
+    save_file({"prompt_learner.ctx": torch.zeros(2, 64)}, str(learned))
+    learned.with_suffix(".json").write_bytes(b'{"method": "co')
+    with pytest.raises(PromptbenchError, match=f"^{re.escape(str(learned.with_suffix('.json')))}, the metadata beside "):
+        read_learned(learned, option="ckpt_path")
+
+
+def test_eval_only_with_an_image_as_checkpoint_is_a_clear_error(toy_root, run_env, tmp_path):
+    image = tmp_path / "model.ckpt"
+    image.write_bytes(PNG)
+    result = run_py(["method=coop", "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2",
+                     "logger=none", "num_workers=0", "method.n_ctx=4", "eval_only=true", f"ckpt_path={image}"], run_env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: ckpt_path={image} is not a checkpoint promptbench can read" in result.stderr
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+    assert [r["status"] for r in find_results(tmp_path / "outputs")] == ["failed"]

@@ -87,3 +87,54 @@ def test_single_seed_rows_show_no_spread(results_dir, tmp_path, capsys):
     assert printed.split("\n\nwritten:")[0] == (out / "report.md").read_text().rstrip("\n")
     zeroshot = next(r for r in csv.DictReader((out / "report.csv").open()) if r["method"] == "zeroshot")
     assert (zeroshot["std"], zeroshot["ci95"], zeroshot["seeds"]) == ("-", "-", "1")
+
+
+MALFORMED = {"binary": b"\x89PNG\r\n\x1a\n\x00\x00", "empty": b"", "truncated": b'{"status": "completed", "met',
+             "a list": b"[]", "no metrics": json.dumps({"status": "completed", "method": "coop"}).encode(),
+             "backbone a string": json.dumps({"status": "completed", "method": "coop", "dataset": "dtd", "backbone": "rn50",
+                                              "protocol": "fewshot", "shots": 1, "seed": 9, "metrics": {}}).encode(),
+             "metric a string": json.dumps({"status": "completed", "method": "coop", "dataset": "dtd",
+                                            "backbone": {"name": "rn50"}, "protocol": "fewshot", "shots": 1, "seed": 9,
+                                            "metrics": {"test": {"top1": "99"}}}).encode()}
+
+
+def write_failed(root: Path, name: str, message: str) -> Path:
+    (root / name).mkdir(parents=True)
+    error = {"type": "RuntimeError", "message": message, "traceback": "Traceback (most recent call last): ..."}
+    (root / name / "results.json").write_text(json.dumps({"status": "failed", "error": error}))
+    return root / name
+
+
+def write_malformed(root: Path) -> list[Path]:
+    paths = []
+    for name, content in MALFORMED.items():
+        (root / "bad" / name).mkdir(parents=True)
+        paths.append(root / "bad" / name / "results.json")
+        paths[-1].write_bytes(content)
+    return paths
+
+
+def test_malformed_files_are_skipped_by_name_and_failed_runs_listed(results_dir, tmp_path, capsys):
+    malformed = write_malformed(results_dir)
+    crashed = write_failed(results_dir, "crashed", "CUDA out of memory.\nTried to allocate 2.00 GiB")
+    out = tmp_path / "report"
+    assert main(["report", str(results_dir), "--no-plots", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    for path in malformed:
+        assert f"warning: skipped {path} is not a usable results file: " in captured.err
+    assert "| coop | dtd | rn50 | fewshot | 16 | test | 63.00 |" in captured.out and "99.00" not in captured.out
+    written = (out / "report.md").read_text()
+    for text in (captured.out, written):
+        assert "Failed runs (2):" in text and f"- {crashed}: RuntimeError: CUDA out of memory." in text
+        assert f"- {results_dir / 'broken'}: no error message recorded" in text and "Tried to allocate" not in text
+
+
+def test_a_report_without_usable_results_says_what_it_found(tmp_path, capsys):
+    malformed = write_malformed(tmp_path)
+    failed = write_failed(tmp_path, "failed", "boom")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: report: no completed results.json under {tmp_path}; found 1 failed run(s) and {len(malformed)} "
+            f"malformed file(s), skipped above") in err
+    assert f"- {failed}: RuntimeError: boom" in err and all(str(path) in err for path in malformed)
+    assert not (tmp_path / "report.md").exists()

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path
-from promptbench.results import RESULTS_FILE
+from promptbench.results import RESULTS_FILE, MalformedResults, read_results
 
 GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "shots", "eval_set")
 
@@ -54,22 +54,66 @@ class Row:
         return float(t.ppf(0.975, n - 1) * statistics.stdev(self.values.values()) / math.sqrt(n))
 
 
-def load_results(dirs: Sequence[str | Path]) -> list[dict]:
-    found = []
+@dataclass
+class FailedRun:
+    directory: Path
+    error: str  # the first line of its error message
+
+
+@dataclass
+class FoundResults:
+    completed: list[dict]
+    failed: list[FailedRun]
+
+
+def failed_runs_text(failed: list[FailedRun]) -> str:
+    return "\n".join([f"Failed runs ({len(failed)}):"] + [f"- {run.directory}: {run.error}" for run in failed])
+
+
+def first_error_line(failed: dict) -> str:
+    error = failed.get("error", {})
+    lines = str(error.get("message") or "").strip().splitlines()
+    return f"{error.get('type', 'error')}: {lines[0]}" if lines else "no error message recorded"
+
+
+def find_results(dirs: Sequence[str | Path]) -> FoundResults:
+    """Every run record under `dirs`. A malformed file is skipped with a warning that names it; a report
+    without a single completed run is an error that says what was found instead."""
+    found = FoundResults([], [])
+    malformed = 0
     for directory in dirs:
         directory = Path(directory)
         if not directory.exists():
             raise PromptbenchError(f"report: no such directory {directory}")
         for path in sorted(directory.rglob(RESULTS_FILE)):
             try:
-                result = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise PromptbenchError(f"report: {path} is not valid JSON ({error})") from error
-            if result.get("status") == "completed":
-                found.append(result)
-    if not found:
-        raise PromptbenchError(f"report: no completed {RESULTS_FILE} under {', '.join(map(str, dirs))}")
+                result = read_results(path)
+            except MalformedResults as error:
+                print(f"warning: skipped {error}", file=sys.stderr)
+                malformed += 1
+                continue
+            if result is None:  # a folder of that name
+                continue
+            if result["status"] == "completed":
+                found.completed.append(result)
+            else:
+                found.failed.append(FailedRun(path.parent, first_error_line(result)))
+    if not found.completed:
+        seen = []
+        if found.failed:
+            seen.append(f"{len(found.failed)} failed run(s)")
+        if malformed:
+            seen.append(f"{malformed} malformed file(s), skipped above")
+        raise PromptbenchError(
+            f"report: no completed {RESULTS_FILE} under {', '.join(map(str, dirs))}; found "
+            + (" and ".join(seen) if seen else f"no {RESULTS_FILE} at all")
+            + (f"\n{failed_runs_text(found.failed)}" if found.failed else ""))
     return found
+
+
+def load_results(dirs: Sequence[str | Path]) -> list[dict]:
+    """The completed runs under `dirs` (see `find_results`)."""
+    return find_results(dirs).completed
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -220,13 +264,16 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
 
 def report(dirs: Sequence[str | Path], out_dir: str | Path | None = None, metric: str = "top1",
            with_ci: bool = False, compare: str | Path | None = None, plots: bool = True) -> str:
-    rows = aggregate(load_results(dirs), metric)
+    found = find_results(dirs)
+    rows = aggregate(found.completed, metric)
     if not rows:
         raise PromptbenchError(f"report: no results carry the metric '{metric}'")
     if compare:
         attach_published(rows, compare)
     records = table_records(rows, metric, with_ci)
     text = markdown(records)
+    if found.failed:
+        text += "\n\n" + failed_runs_text(found.failed)
     out = Path(out_dir or dirs[0])
     write_text(out / "report.md", text + "\n")
     write_text(out / "report.csv", csv_text(records))

@@ -6,8 +6,8 @@ contract (methods/base.py) and the `Task` a protocol builds.
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,11 +33,14 @@ from promptbench.protocols import Task
 from promptbench.resume import ResumableTraining
 from promptbench.results import (
     RESULTS_FILE,
+    MalformedResults,
     PhaseTimer,
     command_line,
     device_info,
     git_commit,
     package_versions,
+    read_results,
+    set_aside,
     write_results,
 )
 
@@ -141,13 +144,16 @@ def completed_run(cfg: DictConfig, run_dir: Path, backbone_fingerprint: str) -> 
     A completed run with a different configuration in the same directory is refused (unless
     overwrite=true): two configurations must never share one results.json. Other backbone weights under
     the same config (e.g. `pretrained: bundled` after an update, a checkpoint file rewritten in place)
-    count as a different configuration.
+    count as a different configuration. A malformed results.json (a crashed writer, a full disk) counts as
+    no run: it is moved aside, neither trusted nor fatal.
     """
     path = run_dir / RESULTS_FILE
-    if not path.is_file():
+    try:
+        previous = read_results(path)
+    except MalformedResults as malformed:
+        print(f"warning: {malformed}; moved it to {set_aside(path)} and running this job again", file=sys.stderr)
         return None
-    previous = json.loads(path.read_text())
-    if previous.get("status") != "completed":
+    if previous is None or previous["status"] != "completed":
         return None
     wanted = result_relevant(OmegaConf.to_container(cfg, resolve=True)) | {"backbone weights": backbone_fingerprint}
     existing = result_relevant(previous.get("config", {})) | {
@@ -170,7 +176,13 @@ def record_failure(cfg: DictConfig, run_dir: str | Path, error: BaseException) -
     A completed run's results are never replaced by the failure of a later, different job.
     """
     path = Path(run_dir) / RESULTS_FILE
-    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+    try:
+        previous = read_results(path)
+    except MalformedResults as malformed:
+        print(f"warning: {malformed}; moved it to {set_aside(path)} and recording this job's failure in {path}",
+              file=sys.stderr)
+        previous = None
+    if previous is not None and previous["status"] == "completed":
         return None
     return write_results(run_dir, {
         "status": "failed",

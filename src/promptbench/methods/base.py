@@ -15,12 +15,15 @@ never touches the data module, the trainer's data module or the runner: the prov
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from promptbench.backbones import Backbone
@@ -194,12 +197,53 @@ class Method(L.LightningModule):
 
 
 def read_learned(path: str | Path, option: str = "path") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The learned tensors and the metadata of a Lightning checkpoint (.ckpt) or a `save_learned` file."""
+    """The learned tensors and the metadata of a Lightning checkpoint (.ckpt) or a `save_learned` file.
+
+    The format is told by the content, not the name; a file in neither format is refused with a message that
+    names `option`, the file and what it should be.
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptbenchError(f"{option}: no such file {path}")
-    if path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        return checkpoint["state_dict"], checkpoint.get("promptbench", {})
+
+    def unreadable(reason: str) -> PromptbenchError:
+        return PromptbenchError(
+            f"{option}={path} is not a checkpoint promptbench can read: {reason}. Expected a Lightning .ckpt written by "
+            f"a promptbench training run (checkpoints/last.ckpt), or the learned.safetensors (with its learned.json) of "
+            f"a finished run"
+        )
+
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if not magic:
+        raise unreadable("the file is empty")
+    if magic == b"PK\x03\x04":  # torch.save writes a zip archive, so Lightning checkpoints start like this
+        try:
+            # Tensors and plain containers are all promptbench's checkpoints hold: never run a file's pickled code.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            raise unreadable(f"it holds pickled Python objects{f' ({found[1]})' if found else ''}, which promptbench "
+                             f"does not load") from None
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:  # torch's ways to say "damaged"
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise unreadable(f"a truncated or damaged torch archive ({detail})") from error
+        checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+        state, metadata = checkpoint.get("state_dict"), checkpoint.get("promptbench", {})
+        if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+                and isinstance(metadata, dict)):
+            raise unreadable("a torch archive without a Lightning checkpoint's 'state_dict' of tensors")
+        return state, metadata
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:
+        raise unreadable(f"neither a torch zip archive nor a safetensors file ({error})") from None
     sidecar = path.with_suffix(".json")
-    return load_file(str(path)), json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    try:
+        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise PromptbenchError(f"{sidecar}, the metadata beside {option}={path}, is not a JSON object: restore the file "
+                               f"save_learned wrote, or remove it to load the tensors without their metadata")
+    return state, metadata

@@ -107,8 +107,12 @@ class ResumableTraining(L.Callback):
             reason = "SIGTERM"
         if reason is None and trainer.interrupted:
             reason = "an interruption (e.g. Ctrl-C)"
-        if reason is not None:
-            raise RunInterrupted(
-                f"training stopped by {reason} during epoch {trainer.current_epoch + 1}; the last complete epoch is "
-                f"saved in {self.last}. Run the same command again to resume from it."
-            )
+        if reason is None:
+            return
+        if not self.last.is_file():
+            raise RunInterrupted(f"training stopped by {reason} during epoch {trainer.current_epoch + 1}, before any "
+                                 f"epoch was complete: nothing is saved. Run the same command again to start afresh.")
+        raise RunInterrupted(
+            f"training stopped by {reason} during epoch {trainer.current_epoch + 1}; the last complete epoch is "
+            f"saved in {self.last}. Run the same command again to resume from it."
+        )

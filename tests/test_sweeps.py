@@ -36,7 +36,7 @@ def test_local_multirun_runs_one_job_per_seed(toy_root, run_env, tmp_path):
     # The sweep ends with one table: a row per job and eval set, with the job's top-1.
     table = result.stdout[result.stdout.rindex("method  "):].splitlines()
     assert [row.split()[4] for row in table[1:]] == ["1", "2"]
-    assert [float(row.split()[-1]) for row in table[1:]] == [r["metrics"]["test"]["top1"] for r in
+    assert [float(row.split()[-1]) for row in table[1:]] == [round(r["metrics"]["test"]["top1"], 2) for r in
                                                               sorted(results, key=lambda r: r["seed"])]
 
 
@@ -269,3 +269,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(workers, toy
     expected = safetensors.torch.load_file(uninterrupted_killed_recipe / "learned.safetensors")
     for key, value in safetensors.torch.load_file(run_dir / "learned.safetensors").items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+
+
+def test_a_stop_before_the_first_complete_epoch_says_nothing_was_saved(toy_root, run_env, tmp_path):
+    stopped = run_py([*COOP, f"dataset.root={toy_root}", "time_budget_min=0.000001"], run_env)
+    assert stopped.returncode == 2 and "before any epoch was complete: nothing is saved" in stopped.stderr
+    assert not list((tmp_path / "outputs").rglob("last.ckpt"))
+    [failed] = find_results(tmp_path / "outputs")
+    assert failed["status"] == "failed"

@@ -24,8 +24,9 @@ demo: install
 	$(PY) run.py -m experiment=demo_shades
 	$(VENV)/bin/promptbench report outputs/demo --out outputs/demo
 
+# Two workers, one test file each at a time (module fixtures such as the SLURM cluster stay in one process).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m promptbench.tools.bench --out experiments $(BENCH_ARGS)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, build_method, epochs_of, find_results, run_py
+from conftest import build_method, epochs_of, find_results, run_py
 from promptbench.contract import FeatureSet, Views
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.datasets import FolderDataset

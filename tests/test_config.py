@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from promptbench import paths
@@ -100,8 +100,6 @@ def _describe(hint: Any) -> str:
 def check_option_types(node: DictConfig, prefix: str) -> None:
     """Refuse a config option of the wrong type (e.g. method.n_ctx=abc) with its name, value and the accepted
     type, before the class is built, instead of a traceback from deep inside it."""
-    from hydra.utils import get_class
-
     options = OmegaConf.to_container(node, resolve=True)
     cls = get_class(options.pop("_target_"))
     hints: dict[str, Any] = {}
@@ -119,7 +117,7 @@ def check_option_types(node: DictConfig, prefix: str) -> None:
 
 def _integer(cfg: DictConfig, key: str, minimum: int, meaning: str) -> None:
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _matches(value, int) or value < minimum:
         raise PromptbenchError(f"{key}={value!r}: expected an integer >= {minimum} ({meaning})")
 
 
@@ -135,14 +133,14 @@ def check_run_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key, False), bool):
             raise PromptbenchError(f"{key}={cfg.get(key)!r}: expected true or false")
     budget = cfg.get("time_budget_min")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+    if budget is not None and (not _matches(budget, float) or budget <= 0):
         raise PromptbenchError(f"time_budget_min={budget!r}: expected minutes > 0, or null for no budget")
     scale = cfg.get("train_crop_scale")
-    if not (OmegaConf.is_list(scale) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale)
+    if not (OmegaConf.is_list(scale) and len(scale) == 2 and all(_matches(x, float) for x in scale)
             and 0 < scale[0] <= scale[1] <= 1):
         raise PromptbenchError(f"train_crop_scale={scale}: expected [low, high] with 0 < low <= high <= 1")
     epochs = cfg.trainer.get("max_epochs")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+    if epochs is not None and (not _matches(epochs, int) or epochs < 1):
         raise PromptbenchError(f"trainer.max_epochs={epochs!r}: expected an integer >= 1")
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda"):
@@ -157,8 +155,6 @@ def check_run_config(cfg: DictConfig) -> None:
 
 def check_method_needs(cfg: DictConfig) -> None:
     """Refuse the combinations that would write results of an untrained model."""
-    from hydra.utils import get_class
-
     method = get_class(cfg.method._target_)
     name = cfg.method.get("name", method.__name__)
     if method.uses_train_data and not cfg.eval_only and cfg.shots == 0:

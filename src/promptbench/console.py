@@ -25,14 +25,10 @@ NOISE = (
     (UserWarning, r".*srun.*"),
     (UserWarning, r".*litlogger.*"),
     (UserWarning, r".*LitLogger.*"),
-    # promptbench evaluates with predict, never with a validation loop.
-    (UserWarning, r".*val_dataloader.*validation_step.*"),
-    (UserWarning, r".*validation_step.*val_dataloader.*"),
     # The frozen CLIP towers stay in eval mode on purpose (Backbone.train never switches them).
     (UserWarning, r"Found \d+ module\(s\) in eval mode at the start of training"),
     # Feature datasets are tensors in memory; loader workers would only add overhead.
     (UserWarning, r".*does not have many workers.*"),
-    (UserWarning, r".*You defined a `validation_step` but have no `val_dataloader`.*"),
     # Lightning's own use of a deprecated torch pytree API.
     (Warning, r".*treespec.*"),
     # The trainers' log interval against the few batches of a few-shot epoch.

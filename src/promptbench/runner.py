@@ -20,9 +20,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from promptbench.config import build, check_run_config
+from promptbench.config import build, check_run_config, method_from_config
 from promptbench.console import EpochProgress, quiet_libraries, trainer_output
-from promptbench.data.datamodule import FewShotDataModule
+from promptbench.data.datamodule import FEWSHOT_SETS, FewShotDataModule
 from promptbench.data.features import FeatureStore
 from promptbench.data.items import class_counts
 from promptbench.errors import PromptbenchError
@@ -208,11 +208,15 @@ class Job:
     method: Method | None = None
     trainer: L.Trainer | None = None
     datamodule: FewShotDataModule | None = None
-    feature_store: FeatureStore | None = None
     resumable: ResumableTraining | None = None
     loggers: list[Any] = field(default_factory=list)
     resumed: bool = False
     epochs_run: int | None = None
+
+    def title(self) -> str:
+        """`coop on dtd (rn50, 16 shots, seed 1)`: the progress line's and the summary's name of the job."""
+        return (f"{self.method.name} on {self.task.source} ({self.backbone.name}, {self.cfg.shots} shots, "
+                f"seed {self.cfg.seed})")
 
 
 def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, started_at: str) -> Job:
@@ -224,9 +228,7 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         job.dataset = build(cfg.dataset)
         job.task = build(cfg.protocol).build(job.dataset, cfg.shots)
     with timer("build/method"):
-        optim = build(cfg.optim) if cfg.get("optim") else None
-        job.method = build(cfg.method, backbone=backbone, classnames=job.task.train.classnames,
-                           templates=job.task.train.templates, optim=optim)
+        job.method = method_from_config(cfg, backbone, job.task.train.classnames, job.task.train.templates)
     refuse_untransferable(job.method, job.task, cfg.protocol.name)
     job.loggers = build_loggers(cfg)
     job.resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
@@ -235,8 +237,7 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         job.resumable.discard()
     precision = PRECISION_ALIASES.get(str(cfg.precision), str(cfg.precision))
     verbose = bool(cfg.get("verbose"))
-    what = f"{job.method.name} on {job.task.source} ({backbone.name}, {cfg.shots} shots, seed {cfg.seed})"
-    callbacks = [job.resumable] + ([] if verbose else [EpochProgress(what)]) if job.method.trains else []
+    callbacks = [job.resumable] + ([] if verbose else [EpochProgress(job.title())]) if job.method.trains else []
     job.trainer = build(
         cfg.trainer,
         default_root_dir=str(run_dir),
@@ -247,10 +248,10 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [],
         **trainer_output(verbose),
     )
-    job.feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
     job.datamodule = FewShotDataModule(
         job.task.sets(), job.task.source, backbone, job.method.contract(),
-        device=job.trainer.strategy.root_device, feature_store=job.feature_store, precision=precision,
+        device=job.trainer.strategy.root_device,
+        feature_store=FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache), precision=precision,
         eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
         skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed,
         train_crop_scale=cfg.train_crop_scale,
@@ -284,7 +285,7 @@ def data_record(job: Job) -> dict[str, Any]:
     """What the run's data really was: images per class of the few-shot sets as used (after any unreadable
     image was left out), the files skipped per set, and what reading the dataset left out or could not fill."""
     datamodule = job.datamodule
-    fewshot = [name for name in ("train", "val") if name in datamodule.sets]
+    fewshot = [name for name in FEWSHOT_SETS if name in datamodule.sets]
     skipped = datamodule.skipped_images()
     return {
         "class_counts": {name: class_counts(datamodule.labeled_set(name)) for name in fewshot},
@@ -315,7 +316,8 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
         "method_notes": method.run_notes(),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
         "data": data_record(job),
-        "feature_cache": {"extractions": job.feature_store.extractions, "hits": job.feature_store.hits},
+        "feature_cache": {"extractions": job.datamodule.feature_store.extractions,
+                          "hits": job.datamodule.feature_store.hits},
         "timings_s": job.timer.seconds,
         "started_at": job.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -327,7 +329,7 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
     }
     path = write_results(job.run_dir, payload)
     job.resumable.discard()  # the run is complete: its results, not its checkpoints, are what a re-run reuses
-    print(f"\n{method.name} on {task.source} ({backbone.name}, {cfg.shots} shots, seed {cfg.seed}):")
+    print(f"\n{job.title()}:")
     print(summary_table(metrics))
     print(f"results: {path}")
     return payload

@@ -9,7 +9,6 @@ few MB instead of 25 (the vocabulary table is three quarters of the parameters).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os

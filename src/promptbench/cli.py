@@ -25,7 +25,8 @@ def cmd_pretrain_mini(args: argparse.Namespace) -> None:
     from promptbench.tools.pretrain import CARD_JSON, MODEL_CARD, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
 
     out = Path(args.out) if args.out else paths.output_root() / "pretrain-mini"
-    config = PretrainConfig(out_dir=str(out), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+    config = PretrainConfig(out_dir=str(out), model=args.model, text_tower_from=args.text_tower_from,
+                            precision=args.precision, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, workers=args.workers, threads=args.threads, device=args.device)
     weights = pretrain(config)
     accuracies = zero_shot_accuracies(weights, out / "data", device=args.device)
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", help="run folder, resumed from its checkpoint; weights and model card land in it "
                                    "(default: <paths.output_root>/pretrain-mini)")
     pre.add_argument("--steps", type=int, default=2000, help="the shipped weights: 2000 (about 28 min on 2 CPU cores)")
+    pre.add_argument("--model", default="promptbench-mini",
+                     help="open_clip config to train: promptbench-mini (ResNet) or promptbench-mini-vit")
+    pre.add_argument("--text-tower-from", metavar="WEIGHTS",
+                     help="initialise the text tower from these weights and keep it frozen (mini_vit: the bundled mini)")
+    pre.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                     help="bf16 autocast suits the ResNet; on CPUs without bf16 matmuls a ViT is ~15x faster in fp32")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--batch-size", type=int, default=256)
     pre.add_argument("--lr", type=float, default=5e-4)

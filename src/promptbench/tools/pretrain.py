@@ -40,6 +40,10 @@ MODEL_CARD = "MODEL_CARD.md"
 @dataclass
 class PretrainConfig:
     out_dir: str
+    model: str = MINI_MODEL
+    # Weights file whose text tower (everything outside `visual.`) initialises this model's and stays frozen:
+    # a second image tower then learns the first model's language instead of a new one (one world, one text side).
+    text_tower_from: str | None = None
     seed: int = 0
     steps: int = 2000
     batch_size: int = 256
@@ -87,9 +91,38 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
         is_matrix = parameter.ndim >= 2 and "embedding" not in name
         (decay if is_matrix else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lock_text_tower(model: torch.nn.Module, source: Path) -> torch.Tensor:
+    """Copy the text tower and temperature of the weights at `source` into `model` and freeze the text tower.
+
+    Returns which token rows `source` holds, so the export keeps them although this run may not see them all.
+    """
+    from promptbench.backbones.weights import expand_compact_embedding, read_state_dict
+
+    state = read_state_dict(source)
+    vocab = model.token_embedding.num_embeddings
+    used = torch.zeros(vocab, dtype=torch.bool)
+    if EMBEDDING_IDS_KEY in state:
+        used[state[EMBEDDING_IDS_KEY].long()] = True
+        state = expand_compact_embedding(dict(state), vocab)
+    else:
+        used[:] = True
+    text_state = {key: value for key, value in state.items() if not key.startswith("visual.")}
+    own = model.state_dict()
+    missing = sorted(key for key in own if not key.startswith("visual.") and key not in text_state)
+    if missing:
+        raise ValueError(f"--text-tower-from {source}: no text tower of this model's shape (missing {missing[:3]})")
+    model.load_state_dict({key: value.to(own[key].dtype) for key, value in text_state.items()}, strict=False)
+    for name, parameter in model.named_parameters():
+        if not name.startswith("visual.") and name != "logit_scale":
+            parameter.requires_grad_(False)
+    return used
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -115,10 +148,12 @@ def pretrain(config: PretrainConfig) -> Path:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     with quiet_open_clip():
-        model = open_clip.create_model(MINI_MODEL)
-        tokenizer = open_clip.get_tokenizer(MINI_MODEL)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+        model = open_clip.create_model(config.model)
+        tokenizer = open_clip.get_tokenizer(config.model)
     used_tokens = torch.zeros(model.token_embedding.num_embeddings, dtype=torch.bool)
+    if config.text_tower_from:
+        used_tokens |= lock_text_tower(model, Path(config.text_tower_from))
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     checkpoint_path = out / "checkpoint.pt"
     step = 0
     if checkpoint_path.is_file():
@@ -139,7 +174,7 @@ def pretrain(config: PretrainConfig) -> Path:
         writer = csv.writer(log_file)
         if step == 0:
             writer.writerow(["step", "loss", "lr", "logit_scale", "samples_per_s"])
-        progress = tqdm(total=config.steps, initial=step, desc="pretraining mini CLIP", dynamic_ncols=True)
+        progress = tqdm(total=config.steps, initial=step, desc=f"pretraining {config.model}", dynamic_ncols=True)
         started = time.perf_counter()
         for images, tokens in loader:
             if step >= config.steps:
@@ -171,9 +206,9 @@ def pretrain(config: PretrainConfig) -> Path:
                                 "used_tokens": used_tokens, "step": step, "config": asdict(config)}, tmp)
         progress.close()
     model.eval()
-    weights_path = out / f"{MINI_MODEL}.safetensors"
+    weights_path = out / f"{config.model}.safetensors"
     export_compact(model.cpu().float(), used_tokens.nonzero().squeeze(1), weights_path,
-                   {"model": MINI_MODEL, "steps": step, "seed": config.seed, "batch_size": config.batch_size})
+                   {"model": config.model, "steps": step, "seed": config.seed, "batch_size": config.batch_size})
     write_json_atomic(out / "pretrain_config.json", asdict(config) | {
         "samples_seen": step * config.batch_size,
         "train_minutes": round((time.perf_counter() - started) / 60, 1),

@@ -123,9 +123,81 @@ class Backbone(nn.Module):
         self.speed = {option: self.speed[option] or wanted[option] for option in self.speed}
         return self
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Image features; `deep_prompts` (ViT towers only) are learnable tokens, one tensor per prompted layer.
+
+        The official deep scheme (VPT-deep, IVLP, MaPLe, PromptSRC): `deep_prompts[0]` ([n, width], or
+        [B, n, width] per image) is appended to the patch tokens after the positional embedding, before
+        `ln_pre`; at the input of layer i (1 <= i < len), the last n tokens are replaced by `deep_prompts[i]`.
+        The class token is pooled, so the prompts act through attention only. No prompts: the plain tower.
+        """
         layout = torch.channels_last if self.speed["channels_last"] else torch.preserve_format
-        return self.model.encode_image(images.to(self.dtype, memory_format=layout))
+        images = images.to(self.dtype, memory_format=layout)
+        if not deep_prompts:
+            return self.model.encode_image(images)
+        visual = self.prompted_vision_tower()
+        self._check_depth("image", len(deep_prompts), len(visual.transformer.resblocks))
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(torch.cat([x, _per_sample(deep_prompts[0], x)], dim=1))
+        x = self._prompted_blocks(visual.transformer, x, deep_prompts, start=-deep_prompts[0].shape[-2])
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def prompted_vision_tower(self, method: str | None = None) -> nn.Module:
+        """The image tower if it can take deep prompts; otherwise a clear error naming what cannot run."""
+        visual = self.model.visual
+        who = f"method '{method}' needs" if method else "deep visual prompts need"
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise PromptbenchError(
+                f"{who} a ViT image tower, but backbone '{self.name}' ({self.model_name}) has a "
+                f"{type(visual).__name__} (convolutional): visual prompts are tokens and a CNN has none. "
+                f"Use a ViT backbone (backbone=vit_b16, vit_b32, or mini_vit offline)."
+            )
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise PromptbenchError(
+                f"{who} a ViT that pools its class token (pool_type 'tok', no attentional pooler); backbone "
+                f"'{self.name}' ({self.model_name}) pools with '{visual.pool_type}'"
+                f"{' and an attentional pooler' if visual.attn_pool is not None else ''}, which would mix the "
+                f"prompt tokens into the feature. Use an OpenAI/LAION-style CLIP ViT."
+            )
+        return visual
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.prompted_vision_tower().transformer.width)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.prompted_vision_tower().transformer.resblocks)
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    def _check_depth(self, tower: str, depth: int, layers: int) -> None:
+        if depth > layers:
+            raise PromptbenchError(
+                f"{depth} layers of {tower} prompts asked for, but backbone '{self.name}' has {layers} {tower} "
+                f"layers: set the method's prompt depth to at most {layers}"
+            )
+
+    @staticmethod
+    def _prompted_blocks(transformer: nn.Module, x: torch.Tensor, deep_prompts: Sequence[torch.Tensor],
+                         start: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `transformer`'s blocks on batch-first `x`; before block i >= 1 the n prompt tokens from
+        position `start` (negative: counted from the end) are replaced by `deep_prompts[i]`."""
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for layer, block in enumerate(transformer.resblocks):
+            if 0 < layer < len(deep_prompts):
+                prompt = _per_sample(deep_prompts[layer], x)
+                stop = start + prompt.shape[1]
+                x = torch.cat([x[:, :start], prompt, x[:, stop:]] if stop else [x[:, :start], prompt], dim=1)
+            x = block(x if transformer.batch_first else x.transpose(0, 1), attn_mask=attn_mask)
+            x = x if transformer.batch_first else x.transpose(0, 1)
+        return x
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -139,19 +211,30 @@ class Backbone(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.token_embedding(tokens.to(self.model.token_embedding.weight.device))
 
-    def encode_text_embeddings(self, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    def encode_text_embeddings(self, embeddings: torch.Tensor, eos: torch.Tensor,
+                               deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """Text features of prompt embeddings [B, L, ctx_dim] whose EOS tokens sit at positions `eos`.
 
         Attention is causal, so the EOS output depends only on tokens up to EOS: everything after the
         longest prompt's EOS is dropped before the transformer. The result equals the full 77-token pass.
+        `deep_prompts` (the official deep text scheme): entry i >= 1 ([n, ctx_dim], or one per sequence)
+        replaces the n tokens after SOS at the input of layer i; entry 0 is the input context, already in
+        `embeddings`, and only its length is read.
         """
         length = int(eos.max()) + 1
-        return self._text_tower(embeddings[:, :length], eos.to(embeddings.device))
+        if deep_prompts:
+            self._check_depth("text", len(deep_prompts), self.text_layers)
+        return self._text_tower(embeddings[:, :length], eos.to(embeddings.device), tuple(deep_prompts))
 
-    def _run_text_tower(self, embeddings: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    def _run_text_tower(self, embeddings: torch.Tensor, eos: torch.Tensor,
+                        deep_prompts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         model, length = self.model, embeddings.shape[1]
         x = embeddings.to(self.dtype) + model.positional_embedding[:length].to(self.dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        mask = model.attn_mask[:length, :length]
+        if len(deep_prompts) > 1:
+            x = self._prompted_blocks(model.transformer, x, deep_prompts, start=1, attn_mask=mask)
+        else:
+            x = model.transformer(x, attn_mask=mask)
         x = model.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eos]
         if isinstance(model.text_projection, nn.Linear):
@@ -172,6 +255,12 @@ class Backbone(nn.Module):
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "speed": dict(self.speed),
         }
+
+
+def _per_sample(prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Prompt tokens [n, d] shared by every sequence of `x`, or already one set per sequence [B, n, d]."""
+    prompt = prompt.to(x.dtype)
+    return prompt.expand(x.shape[0], -1, -1) if prompt.dim() == 2 else prompt
 
 
 def _file_sha256(path: Path) -> str:

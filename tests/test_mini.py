@@ -17,9 +17,9 @@ from promptbench.backbones.backbone import BUNDLED_DIR
 from promptbench.backbones.weights import EMBEDDING_IDS_KEY, EMBEDDING_ROWS_KEY
 from conftest import REPO, find_results, run_py
 from promptbench.cli import main as cli_main
-from promptbench.tools.pretrain import CARD_JSON, MINI_MODEL, MODEL_CARD, PretrainConfig, pretrain, zero_shot_accuracies
+from promptbench.tools.pretrain import MINI_MODEL, PretrainConfig, card_json, model_card, pretrain, zero_shot_accuracies
 
-CARD = json.loads((BUNDLED_DIR / CARD_JSON).read_text())
+CARD = json.loads((BUNDLED_DIR / card_json(MINI_MODEL)).read_text())
 # Same code, weights and rendered images: only floating-point summation order may differ between machines.
 CARD_TOLERANCE = 1.0
 
@@ -75,7 +75,7 @@ def test_pretrain_mini_writes_only_into_out_and_its_weights_load_as_backbone_min
                      "--threads", "1"]) == 0
     assert {path.name: path.stat().st_mtime_ns for path in BUNDLED_DIR.iterdir()} == shipped
     weights = out / f"{MINI_MODEL}.safetensors"
-    assert weights.is_file() and (out / CARD_JSON).is_file() and (out / MODEL_CARD).is_file()
+    assert weights.is_file() and (out / card_json(MINI_MODEL)).is_file() and (out / model_card(MINI_MODEL)).is_file()
     override = f"backbone.pretrained={weights.resolve()}"
     printed = capsys.readouterr().out
     assert f"backbone=mini {override}" in printed and "src/promptbench/assets/" in printed

@@ -22,21 +22,24 @@ def cmd_pretrain_mini(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from promptbench.io import write_json_atomic
-    from promptbench.tools.pretrain import CARD_JSON, MODEL_CARD, PretrainConfig, pretrain, write_model_card, zero_shot_accuracies
+    from promptbench.tools.pretrain import (BUNDLED_MODELS, PretrainConfig, card_json, model_card, pretrain,
+                                            write_model_card, zero_shot_accuracies)
 
     out = Path(args.out) if args.out else paths.output_root() / "pretrain-mini"
     config = PretrainConfig(out_dir=str(out), model=args.model, text_tower_from=args.text_tower_from,
                             precision=args.precision, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, workers=args.workers, threads=args.threads, device=args.device)
     weights = pretrain(config)
-    accuracies = zero_shot_accuracies(weights, out / "data", device=args.device)
+    accuracies = zero_shot_accuracies(weights, out / "data", device=args.device, model=args.model)
     trained = json.loads((out / "pretrain_config.json").read_text())
-    write_json_atomic(out / CARD_JSON, {"pretrain": trained, "zero_shot_top1": accuracies})
-    write_model_card(out / MODEL_CARD, trained, accuracies, weights)
+    card, card_md = out / card_json(args.model), out / model_card(args.model)
+    write_json_atomic(card, {"pretrain": trained, "zero_shot_top1": accuracies})
+    write_model_card(card_md, trained, accuracies, weights)
+    backbone = BUNDLED_MODELS[args.model]["backbone"]
     print(json.dumps(accuracies, indent=2))
-    print(f"\nwritten: {weights}, {out / CARD_JSON}, {out / MODEL_CARD}\n"
-          f"use these weights: python run.py backbone=mini backbone.pretrained={weights.resolve()}\n"
-          f"to ship them as the bundled mini (maintainers): copy the three files into src/promptbench/assets/; "
+    print(f"\nwritten: {weights}, {card}, {card_md}\n"
+          f"use these weights: python run.py backbone={backbone} backbone.pretrained={weights.resolve()}\n"
+          f"to ship them as the bundled {backbone} (maintainers): copy the three files into src/promptbench/assets/; "
           f"tests/test_mini.py then holds the weights to the new card's zero-shot accuracies.")
 
 
@@ -193,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: <paths.output_root>/pretrain-mini)")
     pre.add_argument("--steps", type=int, default=2000, help="the shipped weights: 2000 (about 28 min on 2 CPU cores)")
     pre.add_argument("--model", default="promptbench-mini",
-                     help="open_clip config to train: promptbench-mini (ResNet) or promptbench-mini-vit")
+                     choices=["promptbench-mini", "promptbench-mini-vit"],
+                     help="the bundled model to train: promptbench-mini (ResNet) or promptbench-mini-vit (ViT)")
     pre.add_argument("--text-tower-from", metavar="WEIGHTS",
                      help="initialise the text tower from these weights and keep it frozen (mini_vit: the bundled mini)")
     pre.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",

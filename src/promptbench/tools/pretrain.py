@@ -32,9 +32,30 @@ from promptbench.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 MINI_MODEL = "promptbench-mini"
-# Machine-readable model card: the training config and the zero-shot accuracies the tests hold it to.
-CARD_JSON = f"{MINI_MODEL}.card.json"
-MODEL_CARD = "MODEL_CARD.md"
+MINI_VIT_MODEL = "promptbench-mini-vit"
+# What each bundled model is, for its model card; the backbone config that loads it is conf/backbone/<name>.yaml.
+BUNDLED_MODELS = {
+    MINI_MODEL: dict(
+        backbone="mini",
+        architecture="ModifiedResNet image tower (width 16, one block per stage, 64 px input), 4-layer width-128 "
+                     "text transformer with the standard\n  CLIP tokenizer (context 32), 128-d joint space",
+    ),
+    MINI_VIT_MODEL: dict(
+        backbone="mini_vit",
+        architecture="ViT image tower (patch 8 on 64 px: 64 patch tokens + class token, width 96, 4 layers, "
+                     "3 heads), and the text tower of\n  promptbench-mini, copied and frozen (4-layer width-128 "
+                     "transformer, standard CLIP tokenizer, context 32), 128-d joint space",
+    ),
+}
+
+
+def card_json(model: str) -> str:
+    """Machine-readable model card: the training config and the zero-shot accuracies the tests hold it to."""
+    return f"{model}.card.json"
+
+
+def model_card(model: str) -> str:
+    return f"{model}.card.md"
 
 
 @dataclass
@@ -74,6 +95,9 @@ class PairStream(IterableDataset):
             image, caption = make_pair(self.seed, index)
             yield self.to_tensor(image), self.tokenizer([caption])[0]
             index += workers
+
+
+PRETRAIN_DEFAULTS = {name: field.default for name, field in PretrainConfig.__dataclass_fields__.items()}
 
 
 def _nice_worker(_: int) -> None:
@@ -216,7 +240,7 @@ def pretrain(config: PretrainConfig) -> Path:
     return weights_path
 
 
-def zero_shot_accuracies(weights: Path, data_root: Path, device: str = "cpu") -> dict[str, float]:
+def zero_shot_accuracies(weights: Path, data_root: Path, device: str = "cpu", model: str = MINI_MODEL) -> dict[str, float]:
     """Top-1 zero-shot accuracy (hand-crafted first template) of the weights on every world task's test split."""
     from promptbench.backbones import load_backbone
     from promptbench.data.datasets import SyntheticDataset
@@ -225,7 +249,7 @@ def zero_shot_accuracies(weights: Path, data_root: Path, device: str = "cpu") ->
     from promptbench.methods.prompts import text_classifier
     from promptbench.tools.miniworld import TASKS
 
-    backbone = load_backbone("mini", MINI_MODEL, str(weights))
+    backbone = load_backbone(BUNDLED_MODELS[model]["backbone"], model, str(weights))
     transform = test_transform(backbone.image_size, backbone.mean, backbone.std)
     accuracies = {}
     for task in TASKS:
@@ -247,15 +271,23 @@ def write_model_card(path: Path, config: dict, accuracies: dict[str, float], wei
         for task in accuracies
     )
     history = f"\n- This file's run: {config['history']}." if config.get("history") else ""
-    text = f"""# promptbench-mini: a CLIP pretrained on promptbench's synthetic world
+    model = config.get("model", MINI_MODEL)
+    described = BUNDLED_MODELS[model]
+    text_tower = (f"\n- Text tower: copied from {Path(config['text_tower_from']).name} and frozen; only the image tower "
+                  f"and the temperature train,\n  so both bundled models share one language."
+                  if config.get("text_tower_from") else "")
+    flags = "".join(f" --{flag.replace('_', '-')} {config[flag]}" for flag in ("batch_size", "lr", "precision")
+                    if config.get(flag) is not None and config[flag] != PRETRAIN_DEFAULTS[flag])
+    if config.get("text_tower_from"):
+        flags += " --text-tower-from src/promptbench/assets/promptbench-mini.safetensors"
+    text = f"""# {model}: a CLIP pretrained on promptbench's synthetic world
 
 A small CLIP that ships inside promptbench so every method means something offline, on a laptop CPU.
 It has only ever seen procedurally rendered shapes: its numbers say nothing about real images.
 
 ## Model
-- open_clip config `{MINI_MODEL}` (src/promptbench/backbones/model_configs/{MINI_MODEL}.json): ModifiedResNet
-  image tower (width 16, one block per stage, 64 px input), 4-layer width-128 text transformer with the standard
-  CLIP tokenizer (context 32), 128-d joint space. Loaded with `backbone=mini` (`pretrained: bundled`).
+- open_clip config `{model}` (src/promptbench/backbones/model_configs/{model}.json): {described['architecture']}.
+  Loaded with `backbone={described['backbone']}` (`pretrained: bundled`).
 - Weights: `{weights.name}`, fp16 safetensors ({weights.stat().st_size / 1e6:.1f} MB). Only the token-embedding rows
   used by the training captions are stored; every other token maps to a zero vector.
 
@@ -268,9 +300,10 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
   barely knows their names; synth_shades is the task where few-shot adaptation has room.
 - Objective: symmetric InfoNCE, learnable temperature (clamped at 100). AdamW lr {config['lr']}, weight decay
   {config['weight_decay']}, {config['warmup_steps']} warm-up steps then cosine, batch {config['batch_size']},
-  {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), bf16 autocast.
+  {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), {config.get('precision', 'bf16')}{' autocast' if config.get('precision', 'bf16') == 'bf16' else ''}.{text_tower}
 - Cost: {config.get('train_minutes', '?')} minutes on {config['device']} ({config['threads']} threads).{history}
-- Reproduce: `promptbench pretrain-mini --steps {config['steps']} --seed {config['seed']} --out DIR` (weights and card land in DIR).
+- Reproduce: `promptbench pretrain-mini --model {model} --steps {config['steps']} --seed {config['seed']}{flags} --out DIR`
+  (weights and card land in DIR).
 
 ## Zero-shot accuracy (test split, first hand-crafted template, world seed 0)
 

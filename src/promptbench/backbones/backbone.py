@@ -136,7 +136,7 @@ class Backbone(nn.Module):
         if not deep_prompts:
             return self.model.encode_image(images)
         visual = self.prompted_vision_tower()
-        self._check_depth("image", len(deep_prompts), len(visual.transformer.resblocks))
+        self.check_prompt_depth("image", len(deep_prompts))
         x = visual.conv1(images).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
@@ -176,7 +176,9 @@ class Backbone(nn.Module):
     def text_layers(self) -> int:
         return len(self.model.transformer.resblocks)
 
-    def _check_depth(self, tower: str, depth: int, layers: int) -> None:
+    def check_prompt_depth(self, tower: str, depth: int) -> None:
+        """Refuse more prompted layers than `tower` ("image" or "text") has."""
+        layers = self.vision_layers if tower == "image" else self.text_layers
         if depth > layers:
             raise PromptbenchError(
                 f"{depth} layers of {tower} prompts asked for, but backbone '{self.name}' has {layers} {tower} "
@@ -223,7 +225,7 @@ class Backbone(nn.Module):
         """
         length = int(eos.max()) + 1
         if deep_prompts:
-            self._check_depth("text", len(deep_prompts), self.text_layers)
+            self.check_prompt_depth("text", len(deep_prompts))
         return self._text_tower(embeddings[:, :length], eos.to(embeddings.device), tuple(deep_prompts))
 
     def _run_text_tower(self, embeddings: torch.Tensor, eos: torch.Tensor,

@@ -40,6 +40,7 @@ class CoOp(Method):
         *,
         n_ctx: int,
         ctx_init: str | None,
+        ctx_init_learned: str,
         csc: bool,
         class_token_position: str,
         batch_size: int,
@@ -49,7 +50,8 @@ class CoOp(Method):
         super().__init__(backbone, classnames, templates, **config)
         self.views = optional_views(views)
         self.batch_size = int(batch_size)
-        self.prompt_learner = PromptLearner(backbone, self.classnames, n_ctx, ctx_init, csc, class_token_position)
+        self.prompt_learner = PromptLearner(backbone, self.classnames, n_ctx, ctx_init, csc, class_token_position,
+                                            ctx_init_learned)
         # Class-specific context is tied to the training classes; the base class refuses other class sets.
         self.transfers_to_new_classes = not self.prompt_learner.csc
         self._evaluation_text_features: torch.Tensor | None = None

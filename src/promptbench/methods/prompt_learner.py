@@ -24,6 +24,10 @@ from promptbench.methods.prompts import readable_classname
 log = logging.getLogger(__name__)
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+# How ctx_init becomes context. "all" (CoOp): every token of the phrase is a learned vector and n_ctx is the
+# phrase's length. "first_n_ctx" (IVLP, MaPLe, PromptSRC): the first n_ctx tokens are learned, the rest of
+# the phrase stays as fixed words before the class name ("[c1][c2] of a {class}." for n_ctx 2).
+CTX_INIT_LEARNED = ("all", "first_n_ctx")
 # Stand-in word tokenised at the context positions; its embeddings are replaced by the context vectors.
 PLACEHOLDER = "X"
 CONTEXT_INIT_STD = 0.02
@@ -46,16 +50,36 @@ class PromptLearner(nn.Module):
         ctx_init: str | None,
         csc: bool,
         class_token_position: str,
+        ctx_init_learned: str,
     ):
         super().__init__()
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise PromptbenchError(
                 f"class_token_position='{class_token_position}' is unknown: use one of {list(CLASS_TOKEN_POSITIONS)}"
             )
+        if ctx_init_learned not in CTX_INIT_LEARNED:
+            raise PromptbenchError(f"ctx_init_learned='{ctx_init_learned}' is unknown: use one of {list(CTX_INIT_LEARNED)}")
         self.csc = bool(csc)
         self.class_token_position = class_token_position
         self.classnames: list[str] = []
-        if ctx_init:
+        # The text between SOS and the class name; its first n_ctx tokens are the learned context.
+        self.prompt_prefix = None
+        if ctx_init and ctx_init_learned == "first_n_ctx":
+            vectors = self._phrase_vectors(backbone, ctx_init)
+            if not 1 <= int(n_ctx) <= len(vectors):
+                raise PromptbenchError(
+                    f"n_ctx={n_ctx} with ctx_init='{ctx_init}' ({len(vectors)} tokens): the learned context is the "
+                    f"phrase's first n_ctx tokens, so 1 <= n_ctx <= {len(vectors)}. For more (random) context set "
+                    f"ctx_init=null, which is what the reference does when n_ctx exceeds 4."
+                )
+            if int(n_ctx) < len(vectors) and class_token_position != "end":
+                raise PromptbenchError(
+                    f"class_token_position='{class_token_position}' cannot keep the fixed words of ctx_init "
+                    f"'{ctx_init}' in place: use class_token_position=end, or n_ctx={len(vectors)}"
+                )
+            vectors = vectors[: int(n_ctx)]
+            self.prompt_prefix = ctx_init.replace("_", " ").strip()
+        elif ctx_init:
             vectors = self._phrase_vectors(backbone, ctx_init)
             if int(n_ctx) != len(vectors):
                 log.info("ctx_init '%s' has %d tokens: n_ctx=%d is replaced by %d", ctx_init, len(vectors), n_ctx,
@@ -96,16 +120,19 @@ class PromptLearner(nn.Module):
                 f"cannot be moved to another class set ({len(classnames)} classes); train with csc=false to transfer"
             )
         n_ctx, limit = self.n_ctx, backbone.context_length
+        prefix = self.prompt_prefix or " ".join([PLACEHOLDER] * n_ctx)
+        prefix_length = int(backbone.eos_positions(backbone.tokenize([prefix]))[0]) - 1
         names = [readable_classname(name) for name in classnames]
         name_lengths = backbone.eos_positions(backbone.tokenize(names)) - 1
         # SOS + context + name + "." + EOS must fit: the tokenizer would otherwise silently cut the name.
-        too_long = [name for name, length in zip(names, name_lengths.tolist()) if 1 + n_ctx + length + 2 > limit]
+        too_long = [name for name, length in zip(names, name_lengths.tolist())
+                    if 1 + prefix_length + length + 2 > limit]
         if too_long:
             raise PromptbenchError(
                 f"prompt longer than the text encoder's {limit} tokens for class name(s) {too_long[:3]} with "
                 f"{n_ctx} context tokens; use a smaller n_ctx or a shorter ctx_init phrase"
             )
-        tokens = backbone.tokenize([" ".join([PLACEHOLDER] * n_ctx) + " " + name + "." for name in names])
+        tokens = backbone.tokenize([prefix + " " + name + "." for name in names])
         eos = backbone.eos_positions(tokens)
         length = int(eos.max()) + 1
         with torch.no_grad():
@@ -143,13 +170,29 @@ class PromptLearner(nn.Module):
         index = self.order.unsqueeze(-1).expand(*prompts.shape)
         return prompts.gather(-2, index)
 
-    def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass."""
+    def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None,
+                      deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass.
+
+        `deep_prompts`: context for text layers 1, 2, ... (the deep scheme, `Backbone.encode_text_embeddings`),
+        replacing the n_ctx context positions after SOS; needs class_token_position end.
+        """
         prompts = self.prompts(ctx)
         batch, n_cls = prompts.shape[:-3], prompts.shape[-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         eos = self.eos.repeat(flat.shape[0] // n_cls)
-        return backbone.encode_text_embeddings(flat, eos).view(*batch, n_cls, -1)
+        layers = (self.ctx, *deep_prompts) if deep_prompts else ()
+        return backbone.encode_text_embeddings(flat, eos, deep_prompts=layers).view(*batch, n_cls, -1)
+
+
+def deep_prompt_parameters(layers: int, n_tokens: int, width: int) -> nn.ParameterList:
+    """`layers` sets of `n_tokens` learnable prompt tokens, N(0, 0.02) like every deep prompt of the references."""
+    prompts = nn.ParameterList()
+    for _ in range(max(int(layers), 0)):
+        tokens = torch.empty(int(n_tokens), int(width))
+        nn.init.normal_(tokens, std=CONTEXT_INIT_STD)
+        prompts.append(nn.Parameter(tokens))
+    return prompts
 
 
 def token_order(position: str, n_ctx: int, name_lengths: Sequence[int], length: int) -> torch.Tensor | None:

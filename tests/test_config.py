@@ -76,3 +76,23 @@ def test_cached_views_follow_the_runs_train_crop_scale(method, tiny_backbone):
     built = build_method(method, tiny_backbone, ["a", "b"], ["{}."], overrides=["method.views.n=2",
                                                                                 "train_crop_scale=[0.5,1.0]"])
     assert built.contract().train_views == Views(2, (0.5, 1.0))
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment_method").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_method_file_names_a_real_pair_and_applies(path: Path):
+    # The file is picked by name (`${experiment}_${method}`): a misspelt one would silently never apply.
+    pairs = {f"{experiment}_{method}": (experiment, method)
+             for experiment in options("experiment") for method in options("method")}
+    assert path.stem in pairs, f"{path.name} is not <experiment>_<method> of existing configs"
+    experiment, method = pairs[path.stem]
+    cfg = compose_with([f"experiment={experiment}", f"method={method}"])
+
+    def leaves(node, prefix=""):
+        if not isinstance(node, dict):
+            return [(prefix, node)]
+        return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}" if prefix else key)]
+
+    settings = leaves(OmegaConf.to_container(OmegaConf.load(path)))
+    assert settings
+    for key, value in settings:
+        assert OmegaConf.select(cfg, key) == value, f"{path.name}: {key} not applied"

@@ -37,7 +37,7 @@ def test_a_bad_option_is_named_with_what_is_accepted(overrides, message):
 
 
 def test_the_default_options_of_every_method_pass():
-    for method in ("zeroshot", "coop", "cocoop", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe"):
+    for method in ("zeroshot", "coop", "cocoop", "kgcoop", "prograd", "clip_adapter", "tip_adapter", "tip_adapter_f", "linear_probe"):
         check_run_config(composed((f"method={method}", "backbone=tiny")))
 
 

@@ -24,9 +24,16 @@ def coop_epochs(shots: int) -> int:
     return 100 if shots <= 4 else 200
 
 
+def if_shots_at_least(shots: int, threshold: int, then: Any, otherwise: Any) -> Any:
+    """`then` from `threshold` shots on (-1, all images, counts as many), else `otherwise` (e.g. ProGrad's lambda)."""
+    return then if shots < 0 or shots >= threshold else otherwise
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("coop_epochs"):
         OmegaConf.register_new_resolver("coop_epochs", coop_epochs)
+    if not OmegaConf.has_resolver("if_shots_at_least"):
+        OmegaConf.register_new_resolver("if_shots_at_least", if_shots_at_least)
     if not OmegaConf.has_resolver(paths.RESOLVER):
         OmegaConf.register_new_resolver(paths.RESOLVER, paths.default_path)
 

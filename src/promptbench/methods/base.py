@@ -108,10 +108,18 @@ class Method(L.LightningModule):
         logits = self(inputs).float()
         loss = F.cross_entropy(logits, labels)
         self.stop_on_non_finite(loss)
+        self.log_training(loss, logits, labels)
+        return loss
+
+    def log_training(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                     **terms: torch.Tensor) -> None:
+        """The training loss and accuracy of a batch (the console shows them), plus a method's own loss terms
+        (`train/<name>`)."""
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", accuracy, prog_bar=True, batch_size=len(labels))
-        return loss
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=len(labels))
 
     def stop_on_non_finite(self, loss: torch.Tensor) -> None:
         """Never train on NaN/inf: stop with what happened and what to try."""

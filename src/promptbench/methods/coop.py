@@ -17,6 +17,7 @@ from promptbench.contract import DataContract, Views
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
 from promptbench.methods.prompt_learner import PromptLearner
+from promptbench.methods.prompts import resolve_templates, text_classifier
 
 
 def optional_views(views: Mapping[str, Any] | Views | None) -> Views | None:
@@ -81,11 +82,34 @@ class CoOp(Method):
         text = self._evaluation_text_features
         if text is None:
             text = self.text_features()
-        return self.backbone.logit_scale * image_features @ text.T.to(image_features.dtype)
+        return self.logits_against(image_features, text)
+
+    def logits_against(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits of normalised image features against normalised [n_cls, dim] text features."""
+        return self.backbone.logit_scale * image_features @ text_features.T.to(image_features.dtype)
 
     def on_classes_changed(self) -> None:
         self.prompt_learner.set_classes(self.backbone, self.classnames)
         self._evaluation_text_features = None
+        if self.hand_crafted_template_set is not None:
+            self._encode_hand_crafted()
+
+    # ---- hand-crafted text features, for the methods that keep the prompts close to them (KgCoOp, ProGrad) --
+    hand_crafted_template_set: str | Sequence[str] | None = None
+
+    def keep_hand_crafted_features(self, template_set: str | Sequence[str]) -> None:
+        """Encode the hand-crafted prompts of the class set (zero-shot CLIP's classifier: `template_set` as in
+        method=zeroshot, `dataset` = the dataset's templates) once, without grad, as the buffer
+        `hand_crafted_text` [n_cls, dim], and again whenever the class set changes."""
+        self.hand_crafted_template_set = template_set
+        self._encode_hand_crafted()
+
+    def hand_crafted_templates(self) -> list[str]:
+        return resolve_templates(self.hand_crafted_template_set, self.templates)
+
+    def _encode_hand_crafted(self) -> None:
+        features = text_classifier(self.backbone, self.classnames, self.hand_crafted_templates())
+        self.register_buffer("hand_crafted_text", features, persistent=False)
 
     def on_predict_start(self) -> None:
         # The prompts do not change during an evaluation: encode them once, not once per test batch.

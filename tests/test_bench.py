@@ -7,14 +7,17 @@ import json
 import pytest
 
 from conftest import REPO
-from promptbench.tools.bench import main
+import torch
+
+from promptbench.tools.bench import bench_deep_prompts, main
 
 
 def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
     main(["--smoke", "--backbone", "tiny", "--out", str(tmp_path), "--run-py", str(REPO / "run.py")])
     payload = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
     sections = {row["section"] for row in payload["rows"]}
-    assert sections == {"coop_step", "cocoop_step", "extraction", "sweep", "text_flops", "speed_options"}
+    assert sections == {"coop_step", "cocoop_step", "deep_prompt_step", "extraction", "sweep", "text_flops",
+                        "speed_options"}
     cached, uncached = [row for row in payload["rows"] if row["section"] == "sweep"]
     assert cached["feature_cache"] and cached["runs"] == uncached["runs"] == 2
     assert cached["image_tower_passes"] == cached["minimum_passes"] < uncached["image_tower_passes"]
@@ -47,3 +50,13 @@ def test_bench_sweep_without_run_py_stops_before_measuring(tmp_path, capsys):
     assert stopped.value.code == 2
     assert "--run-py PATH" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_deep_prompt_steps_match_the_per_layer_reference():
+    rows = bench_deep_prompts(REPO / "conf", {"tiny": [3]}, torch.device("cpu"), repeats=1)
+    assert [(row["method"], row["n_cls"], row["batch"]) for row in rows] == [("maple", 3, 4), ("promptsrc", 3, 4)]
+    for row in rows:
+        assert row["max_logit_diff"] < 1e-4 and row["loss_diff"] < 1e-4, row
+        assert row["promptbench_ms"] > 0 and row["reference_ms"] > 0 and row["speedup"] > 0
+        assert {"promptbench_peak_mb", "reference_peak_mb", "depth_text_image"} <= set(row)
+        assert row["prompt_tokens"] < row["context_length"] == 77  # the reference runs all 77 tokens

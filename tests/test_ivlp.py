@@ -1,9 +1,9 @@
 """IVLP: logits against a straightforward re-implementation of the official formulation (both towers), the
 fixed words of ctx_init, depth fitting, frozen CLIP, save/reload, base-to-new transfer, and refusals.
 
-The `official_*` functions here are the reference for test_maple.py and test_vpt.py too: written from the
-official code (muzairkhattak/multimodal-prompt-learning clip/model.py, trainers/independentVL.py), not from
-promptbench's implementation: a full context-length text pass tokenised per call, per-layer replacement.
+The towers of the official formulation are promptbench.tools.reference (also `make bench`'s baseline): written
+from the official code (muzairkhattak/multimodal-prompt-learning clip/model.py, trainers/independentVL.py), not
+from promptbench's implementation: a full context-length text pass tokenised per call, per-layer replacement.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import build_method, composed, epochs_of
 from promptbench.backbones import load_backbone
 from promptbench.errors import PromptbenchError
+from promptbench.tools.reference import reference_image_features, reference_text_features
 from test_coop import TEMPLATES, backbone_snapshot, fit, random_images
 
 CLASSNAMES = ["golden_retriever", "cat", "sea lion"]
@@ -39,43 +40,6 @@ def resnet_backbone():
 
 
 # ---- the official formulation, written out -----------------------------------------------------------
-def official_text_features(backbone, classnames, prompt_prefix, ctx, deeper=()):
-    """`prompt_prefix + " " + name + "."` tokenised to the full context length; positions 1..n_ctx are the
-    context at the input (with positional embeddings), replaced by `deeper[i-1]` at the input of text block
-    i for 1 <= i <= len(deeper); the EOT feature @ text_projection."""
-    model = backbone.model
-    n_ctx = ctx.shape[0]
-    names = [name.replace("_", " ") for name in classnames]
-    tokens = open_clip.tokenize([prompt_prefix + " " + name + "." for name in names],
-                                context_length=backbone.context_length)
-    embedding = model.token_embedding(tokens)
-    x = torch.cat([embedding[:, :1], ctx.expand(len(names), -1, -1), embedding[:, 1 + n_ctx:]], dim=1)
-    x = x + model.positional_embedding
-    for i, block in enumerate(model.transformer.resblocks):
-        if i >= 1 and i - 1 < len(deeper):
-            x = torch.cat([x[:, :1], deeper[i - 1].expand(len(names), -1, -1), x[:, 1 + n_ctx:]], dim=1)
-        x = block(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    return x[torch.arange(len(names)), tokens.argmax(dim=-1)] @ model.text_projection
-
-
-def official_image_features(backbone, images, first, deeper=()):
-    """`first` appended after the positional embedding, before ln_pre; at the input of block i
-    (1 <= i <= len(deeper)) the last n tokens replaced by `deeper[i-1]`; ln_post(CLS) @ proj."""
-    visual = backbone.model.visual
-    x = visual.conv1(images)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding
-    x = visual.ln_pre(torch.cat([x, first.expand(x.shape[0], -1, -1)], dim=1))
-    n = first.shape[0]
-    for i, block in enumerate(visual.transformer.resblocks):
-        if i >= 1 and i - 1 < len(deeper):
-            x = torch.cat([x[:, :-n], deeper[i - 1].expand(x.shape[0], -1, -1)], dim=1)
-        x = block(x)
-    return visual.ln_post(x[:, 0]) @ visual.proj
-
-
 def official_logits(backbone, image_features, text_features):
     image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
     return backbone.model.logit_scale.exp() * image @ text.T
@@ -83,13 +47,9 @@ def official_logits(backbone, image_features, text_features):
 
 def official_ivlp_logits(method, images, classnames, prompt_prefix):
     backbone = method.backbone
-    text = official_text_features(backbone, classnames, prompt_prefix, method.prompt_learner.ctx,
-                                  list(method.text_prompts))
-    if len(method.vision_prompts):
-        first, *deeper = method.vision_prompts
-        image = official_image_features(backbone, images, first, deeper)
-    else:
-        image = backbone.model.encode_image(images)
+    text = reference_text_features(backbone, classnames, method.prompt_learner.ctx, list(method.text_prompts),
+                                   prompt_prefix)
+    image = reference_image_features(backbone, images, list(method.vision_prompts))
     return official_logits(backbone, image, text)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import build_method, composed, epochs_of
 from promptbench.errors import PromptbenchError
+from promptbench.tools.reference import reference_image_features, reference_text_features
 from test_coop import TEMPLATES, backbone_snapshot, fit, random_images
 from test_ivlp import (
     CLASSNAMES,
@@ -19,9 +20,7 @@ from test_ivlp import (
     PHRASE,
     TOLERANCE,
     mini_vit_random,
-    official_image_features,
     official_logits,
-    official_text_features,
     perturb,
     resnet_backbone,
 )
@@ -35,8 +34,8 @@ def official_maple_logits(method, images, classnames):
     visual_deep_prompts = [layer(compound_prompts_text[index])
                            for index, layer in enumerate(method.compound_projections)]
     shared_ctx = method.proj(learner.ctx)
-    text = official_text_features(backbone, classnames, PHRASE, learner.ctx, compound_prompts_text)
-    image = official_image_features(backbone, images, shared_ctx, visual_deep_prompts)
+    text = reference_text_features(backbone, classnames, learner.ctx, compound_prompts_text, PHRASE)
+    image = reference_image_features(backbone, images, [shared_ctx, *visual_deep_prompts])
     return official_logits(backbone, image, text)
 
 

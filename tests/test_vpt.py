@@ -9,13 +9,13 @@ import torch
 
 from conftest import build_method, composed, epochs_of
 from promptbench.errors import PromptbenchError
+from promptbench.tools.reference import reference_image_features
 from test_coop import backbone_snapshot, fit, random_images
 from test_ivlp import (
     CLASSNAMES,
     OTHER_CLASSNAMES,
     TOLERANCE,
     mini_vit_random,
-    official_image_features,
     official_logits,
     perturb,
     resnet_backbone,
@@ -29,8 +29,7 @@ def official_vpt_logits(method, images, classnames):
     prompts = [backbone.model.encode_text(open_clip.tokenize(["a photo of a " + name.replace("_", " ") + "."],
                                                              context_length=backbone.context_length))
                for name in classnames]
-    first, *deeper = method.vision_prompts
-    image = official_image_features(backbone, images, first, deeper)
+    image = reference_image_features(backbone, images, list(method.vision_prompts))
     return official_logits(backbone, image, torch.cat(prompts))
 
 

@@ -6,17 +6,23 @@ Sections (each writes rows to <out>/benchmarks.json and a Markdown table to <out
    the two produce equal logits, checked before timing. `cached_views_ms`: the same step on cached image
    features (`method.views.n=N`, no image tower).
 2. CoCoOp step, batched (one text pass over B x n_cls prompts) vs the per-image loop, batch 32.
-3. Image feature extraction (decode + transform + model, through the DataLoader) vs the bare model
+3. Deep-prompt training steps (MaPLe: CE; PromptSRC: CE + KL + L1 losses to the frozen CLIP, whose image
+   tower runs too) at the official batch 4, images through the prompted image tower and every class through
+   the prompted text tower, vs the per-layer reference of promptbench.tools.reference (the official code's
+   style: prompts tokenised every step, full context-length text pass, prompts concatenated per layer in the
+   sequence-first layout); equal logits and losses, checked before timing. mini_vit and ViT-B/16 shapes,
+   random weights.
+4. Image feature extraction (decode + transform + model, through the DataLoader) vs the bare model
    forward on pre-decoded tensors: how close the pipeline gets to the model's own limit.
-4. A sweep of the feature methods x shots x seeds on the mini world through `run.py -m`, with and without
+5. A sweep of the feature methods x shots x seeds on the mini world through `run.py -m`, with and without
    the feature cache: wall time and image-tower passes (extractions) against the minimum, one pass per
    distinct image set and transform (= the cache entries the sweep creates).
-5. Text-encoder FLOPs of a CoOp step (forward + backward to the context, counted by torch's FLOP counter)
+6. Text-encoder FLOPs of a CoOp step (forward + backward to the context, counted by torch's FLOP counter)
    over its measured time, against the device's measured dense-matmul rate in the same precision: how far
    the step is from the hardware limit. CLIP's ViT-B/16 and RN50 text towers with random weights.
-6. Speed options at equal numbers: the CoOp text step eager vs `speed.compile_text`, and the image tower
+7. Speed options at equal numbers: the CoOp text step eager vs `speed.compile_text`, and the image tower
    default vs `speed.channels_last`.
-`--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU (bf16 autocast in section 5).
+`--smoke` runs every section at toy sizes (CI); `--device cuda` measures on a GPU (bf16 autocast in section 6).
 `--sections` re-measures some sections and keeps the other sections' rows already in the output file.
 """
 
@@ -33,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +47,10 @@ from promptbench.io import atomic_path, write_json_atomic
 from promptbench.config import compose_config, method_from_config
 from promptbench.methods.cocoop import CoCoOp
 from promptbench.methods.coop import CoOp
+from promptbench.methods.ivlp import IVLP
+from promptbench.methods.promptsrc import PromptSRC
 from promptbench.results import device_info, package_versions
+from promptbench.tools.reference import reference_image_features, reference_text_features
 
 BATCH = 32
 
@@ -84,8 +92,10 @@ class PeakMemory:
             self.peak_mb = max(self._peak, self._rss_mb()) - self._base
 
 
-def timed(step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds per call and peak memory (MB) over `repeats` calls after `warmup` calls."""
+def timed(step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2,
+          budget_s: float | None = None) -> tuple[float, float]:
+    """Median seconds per call and peak memory (MB) over `repeats` calls after `warmup` calls (fewer, but at
+    least one, once the timed calls have taken `budget_s` seconds)."""
     for _ in range(warmup):
         step()
     times = []
@@ -98,6 +108,8 @@ def timed(step: Callable[[], None], device: torch.device, repeats: int, warmup: 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+            if budget_s is not None and sum(times) > budget_s:
+                break
     return statistics.median(times), memory.peak_mb
 
 
@@ -107,21 +119,7 @@ def class_names(n: int) -> list[str]:
     return [f"{words[i % 10]} {nouns[(i // 10) % 10]} {i // 100}" for i in range(n)]
 
 
-# ---- the reference-style baselines ----------------------------------------------------------------------
-def reference_text_features(backbone: Backbone, classnames: list[str], ctx: torch.Tensor) -> torch.Tensor:
-    """Reference-style CoOp prompts: tokenise every step, per-class concatenation, full 77-token pass."""
-    model = backbone.model
-    n_ctx = ctx.shape[-2]
-    device = model.token_embedding.weight.device
-    tokens = open_clip.tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
-                                context_length=backbone.context_length).to(device)
-    embedding = model.token_embedding(tokens)
-    ctx = ctx.expand(len(classnames), -1, -1) if ctx.dim() == 3 else ctx.unsqueeze(0).expand(len(classnames), -1, -1)
-    x = torch.cat([embedding[:, :1], ctx.to(embedding.dtype), embedding[:, 1 + n_ctx:]], dim=1)
-    x = model.ln_final(model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask))
-    return x[torch.arange(len(classnames), device=device), tokens.argmax(-1)] @ model.text_projection
-
-
+# ---- the reference-style baselines (towers: promptbench.tools.reference) ---------------------------------
 def reference_coop_logits(backbone: Backbone, classnames: list[str], ctx: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         image = F.normalize(backbone.encode_image(images), dim=-1)
@@ -142,9 +140,45 @@ def reference_cocoop_logits(method: CoCoOp, images: torch.Tensor) -> torch.Tenso
     return torch.stack(rows)
 
 
-def training_step(logits_fn: Callable[[], torch.Tensor], labels: torch.Tensor, optimizer) -> Callable[[], None]:
+def reference_deep_features(method: IVLP, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (image, text) features of the official prompted CLIP of IVLP / MaPLe / PromptSRC
+    (CustomCLIP.forward): the per-layer towers of promptbench.tools.reference, on the method's own learned
+    tensors (MaPLe: its projected image prompts)."""
+    backbone, learner = method.backbone, method.prompt_learner
+    text = reference_text_features(backbone, method.classnames, learner.ctx, list(method.text_prompts),
+                                   learner.prompt_prefix)
+    image = reference_image_features(backbone, images, method.visual_prompts())
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def reference_deep_logits(method: IVLP, images: torch.Tensor) -> torch.Tensor:
+    image, text = reference_deep_features(method, images)
+    return method.backbone.logit_scale * image @ text.T
+
+
+def reference_promptsrc_loss(method: PromptSRC, images: torch.Tensor,
+                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """muzairkhattak/PromptSRC trainers/promptsrc.py forward_backward: CE + KL to the zero-shot logits + L1 to
+    the frozen text (precomputed at build time there too) and image features (the plain tower, no gradient).
+    Returns the loss and the logits."""
+    image, text = reference_deep_features(method, images)
+    scale = method.backbone.logit_scale
+    logits = scale * image @ text.T
+    teacher_text = method.teacher_text_features()
+    with torch.no_grad():
+        teacher_image = F.normalize(reference_image_features(method.backbone, images), dim=-1)
+        zero_shot = scale * teacher_image @ teacher_text.T
+    kl = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(zero_shot, dim=1), reduction="sum",
+                  log_target=True) / logits.numel()
+    loss = (F.cross_entropy(logits, labels) + method.kl_weight * kl + method.text_loss_weight * F.l1_loss(text, teacher_text)
+            + method.image_loss_weight * F.l1_loss(image, teacher_image))
+    return loss, logits
+
+
+def optimiser_step(loss_fn: Callable[[], torch.Tensor], optimizer) -> Callable[[], None]:
+    """One training step: the loss, backward, the optimiser's step."""
     def step() -> None:
-        loss = F.cross_entropy(logits_fn().float(), labels)
+        loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,10 +186,15 @@ def training_step(logits_fn: Callable[[], torch.Tensor], labels: torch.Tensor, o
     return step
 
 
+def training_step(logits_fn: Callable[[], torch.Tensor], labels: torch.Tensor, optimizer) -> Callable[[], None]:
+    return optimiser_step(lambda: F.cross_entropy(logits_fn().float(), labels), optimizer)
+
+
 # ---- sections -------------------------------------------------------------------------------------------
-def configured(conf: Path, name: str, backbone: Backbone, classnames: list[str]):
-    """The method with its conf/method defaults, as a run builds it."""
-    return method_from_config(compose_config(conf, [f"method={name}"]), backbone, classnames, ["a photo of a {}."])
+def configured(conf: Path, name: str, backbone: Backbone, classnames: list[str], overrides: tuple[str, ...] = ()):
+    """The method with its conf/method defaults (and `overrides`), as a run builds it."""
+    return method_from_config(compose_config(conf, [f"method={name}", *overrides]), backbone, classnames,
+                              ["a photo of a {}."])
 
 
 def bench_coop(conf: Path, backbone: Backbone, device: torch.device, class_counts: list[int], repeats: int) -> list[dict]:
@@ -201,6 +240,71 @@ def bench_cocoop(conf: Path, backbone: Backbone, device: torch.device, class_cou
         rows.append({"section": "cocoop_step", "backbone": backbone.name, "n_cls": n_cls, "batch": BATCH,
                      "batched_ms": ours_s * 1e3, "per_image_loop_ms": loop_s * 1e3, "speedup": loop_s / ours_s,
                      "batched_peak_mb": ours_mb, "loop_peak_mb": loop_mb, "max_logit_diff": max_diff})
+    return rows
+
+
+def cross_entropy_of(logits_fn: Callable[[IVLP, torch.Tensor], torch.Tensor]) -> Callable:
+    def loss(method: IVLP, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_fn(method, images)
+        return F.cross_entropy(logits, labels), logits
+
+    return loss
+
+
+def promptsrc_loss(method: PromptSRC, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    terms = method.loss_terms(images, labels)
+    return terms["loss"], terms["logits"]
+
+
+# Per deep-prompt method: conf overrides for the bench (PromptSRC's frozen text teacher is computed once, before
+# the first step, from the one dataset template instead of 60: it is not part of a step) and the (loss, logits)
+# of its training step, promptbench's and the reference's.
+DEEP_METHODS: dict[str, tuple[tuple[str, ...], Callable, Callable]] = {
+    "maple": ((), cross_entropy_of(lambda method, images: method(images)), cross_entropy_of(reference_deep_logits)),
+    "promptsrc": (("method.teacher_templates=dataset",), promptsrc_loss, reference_promptsrc_loss),
+}
+# Stop timing a row's steps after this many seconds (ViT-B/16 on a CPU: one step each).
+DEEP_STEP_BUDGET_S = 20.0
+
+
+def deep_model_spec(spec: str) -> tuple[str, list[int]]:
+    """"ViT-B-16-quickgelu:10,100" -> ("ViT-B-16-quickgelu", [10, 100]); a bare name: n_cls 10."""
+    name, _, counts = spec.partition(":")
+    return name, [int(count) for count in counts.split(",")] if counts else [10]
+
+
+def bench_deep_prompts(conf: Path, models: dict[str, list[int]], device: torch.device, repeats: int) -> list[dict]:
+    """`models`: backbone name -> the class counts to measure it at."""
+    rows = []
+    for model_name, class_counts in models.items():
+        backbone = bench_backbone(model_name, device)
+        images = {}
+        for name, (overrides, loss_fn, reference_loss_fn) in DEEP_METHODS.items():
+            for n_cls in class_counts:
+                names = class_names(n_cls)
+                torch.manual_seed(0)
+                method = configured(conf, name, backbone, names, overrides).to(device)
+                batch = method.batch_size  # the official batch (4)
+                if batch not in images:
+                    images[batch] = torch.randn(batch, 3, backbone.image_size, backbone.image_size, device=device)
+                inputs, labels = images[batch], torch.randint(0, n_cls, (batch,), device=device)
+                if name == "promptsrc":
+                    method.teacher_text_features()
+                with torch.no_grad():
+                    (ours_loss, ours), (ref_loss, ref) = (fn(method, inputs, labels) for fn in (loss_fn, reference_loss_fn))
+                optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-4, momentum=0.9)
+                ours_s, ours_mb = timed(optimiser_step(lambda: loss_fn(method, inputs, labels)[0], optimizer), device,
+                                        repeats, warmup=1, budget_s=DEEP_STEP_BUDGET_S)
+                ref_s, ref_mb = timed(optimiser_step(lambda: reference_loss_fn(method, inputs, labels)[0], optimizer),
+                                      device, repeats, warmup=1, budget_s=DEEP_STEP_BUDGET_S)
+                rows.append({"section": "deep_prompt_step", "method": name, "backbone": model_name, "n_cls": n_cls,
+                             "batch": batch, "depth_text_image": f"{method.text_depth}/{method.vision_depth}",
+                             "promptbench_ms": ours_s * 1e3, "reference_ms": ref_s * 1e3, "speedup": ref_s / ours_s,
+                             "promptbench_peak_mb": ours_mb, "reference_peak_mb": ref_mb,
+                             "max_logit_diff": (ours - ref).abs().max().item(),
+                             "loss_diff": (ours_loss - ref_loss).abs().item(),
+                             "prompt_tokens": int(method.prompt_learner.eos.max()) + 1,
+                             "context_length": backbone.context_length})
     return rows
 
 
@@ -284,14 +388,11 @@ def text_tower_step(method: CoOp, device: torch.device, autocast: torch.dtype | 
     """The part of a CoOp step that runs every step: text tower forward, backward to the context, SGD."""
     optimizer = torch.optim.SGD([method.prompt_learner.ctx], lr=1e-4, momentum=0.9)
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = method.text_features().float().square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            return method.text_features().float().square().mean()
 
-    return step
+    return optimiser_step(loss, optimizer)
 
 
 def bench_text_flops(conf: Path, device: torch.device, model_names: list[str], n_cls: int, repeats: int,
@@ -342,9 +443,9 @@ def bench_speed_options(conf: Path, backbone_name: str, device: torch.device, n_
 
 
 def bench_backbone(name: str, device: torch.device) -> Backbone:
-    """tiny, mini (bundled weights), or any open_clip model config with random weights."""
-    model_name, pretrained = {"tiny": ("promptbench-tiny", "random"),
-                              "mini": ("promptbench-mini", "bundled")}.get(name, (name, "random"))
+    """tiny, mini (bundled weights), mini_vit, or any open_clip model config with random weights."""
+    model_name, pretrained = {"tiny": ("promptbench-tiny", "random"), "mini": ("promptbench-mini", "bundled"),
+                              "mini_vit": ("promptbench-mini-vit", "random")}.get(name, (name, "random"))
     return load_backbone(name, model_name, pretrained).to(device)
 
 
@@ -366,7 +467,7 @@ def markdown(rows: list[dict], measured: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("coop_step", "cocoop_step", "extraction", "sweep", "text_flops", "speed_options")
+SECTIONS = ("coop_step", "cocoop_step", "deep_prompt_step", "extraction", "sweep", "text_flops", "speed_options")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -383,7 +484,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--text-models", nargs="+", default=["ViT-B-16-quickgelu", "RN50-quickgelu"],
-                        help="open_clip configs whose text towers section 5 measures (random weights)")
+                        help="open_clip configs whose text towers section 6 measures (random weights)")
+    parser.add_argument("--deep-models", nargs="+", default=["mini_vit:10,100", "ViT-B-16-quickgelu:10"],
+                        help="NAME:N_CLS,... ViT backbones (random weights) and class counts of section "
+                             "deep_prompt_step (on a 2-core CPU one ViT-B/16 step takes ~25 s, its reference "
+                             "~65 s at n_cls 100: add ViT-B-16-quickgelu:10,100 on a GPU)")
+    parser.add_argument("--deep-repeats", type=int, default=5, help="timed steps per row of deep_prompt_step")
     args = parser.parse_args(argv)
     if "sweep" in args.sections and not args.run_py.is_file():
         parser.error(f"section sweep launches `python run.py -m` and there is no {args.run_py.resolve()}: run from the "
@@ -397,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_coop(args.conf, backbone, device, [4] if args.smoke else [10, 100, 1000], repeats)
     if "cocoop_step" in sections:
         rows += bench_cocoop(args.conf, backbone, device, [4] if args.smoke else [10, 100], repeats)
+    if "deep_prompt_step" in sections:
+        models = {"tiny": [4]} if args.smoke else dict(map(deep_model_spec, args.deep_models))
+        rows += bench_deep_prompts(args.conf, models, device, repeats=2 if args.smoke else args.deep_repeats)
     if "extraction" in sections:
         rows += bench_extraction(backbone, device, images=16 if args.smoke else 1024, workers=0 if args.smoke else 2)
     if "sweep" in sections:

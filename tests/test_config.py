@@ -92,7 +92,10 @@ def test_every_experiment_method_file_names_a_real_pair_and_applies(path: Path):
             return [(prefix, node)]
         return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}" if prefix else key)]
 
-    settings = leaves(OmegaConf.to_container(OmegaConf.load(path)))
+    settings = leaves({key: value for key, value in OmegaConf.to_container(OmegaConf.load(path)).items()
+                       if key != "defaults"})
+    for parent in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        settings += leaves(OmegaConf.to_container(OmegaConf.load(path.with_name(f"{parent}.yaml"))))
     assert settings
     for key, value in settings:
         assert OmegaConf.select(cfg, key) == value, f"{path.name}: {key} not applied"

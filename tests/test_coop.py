@@ -95,6 +95,21 @@ def backbone_snapshot(backbone) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
 
 
+def assert_one_epoch_trains_exactly(method, backbone, expected: set[str] | None = None) -> None:
+    """After one epoch on random images every trainable parameter (exactly `expected`, when given) has moved
+    and no weight of the frozen backbone has."""
+    trainable = {name: p.detach().clone() for name, p in method.named_parameters() if p.requires_grad}
+    if expected is not None:
+        assert set(trainable) == expected
+    before = backbone_snapshot(backbone)
+    fit(method, random_images(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), epochs=1)
+    for name, parameter in method.named_parameters():
+        if name in trainable:
+            assert not torch.equal(parameter.detach(), trainable[name]), f"{name} did not train"
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, before[key]), f"backbone weight {key} changed"
+
+
 def perturb_context(method, seed=1) -> None:
     """Distinct, non-trivial context vectors (per class for csc), so a wrong layout cannot hide."""
     generator = torch.Generator().manual_seed(seed)

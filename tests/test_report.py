@@ -63,6 +63,8 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
     records = list(csv.DictReader((out / "report.csv").open()))
     one_shot = next(r for r in records if r["shots"] == "1")
     assert one_shot["missing_seeds"] == "2" and one_shot["seeds"] == "2"
+    # The base2new sweep ran seeds 1-2 only: it lacks no seed, though the few-shot rows have a seed 3.
+    assert {r["missing_seeds"] for r in records if r["protocol"] == "base2new"} == {"-"}
     sixteen = next(r for r in records if r["shots"] == "16" and r["protocol"] == "fewshot")
     assert sixteen["published"] == "63.58" and sixteen["diff"] == "-0.58"
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -29,11 +29,13 @@ def logits_and_context_grad(method: CoOp, images: torch.Tensor, labels: torch.Te
     return logits.detach(), method.prompt_learner.ctx.grad.detach().clone()
 
 
-def test_compiled_text_tower_gives_the_eager_logits_and_gradients_across_class_sets():
+# maple: the deep text prompts go through the compiled tower too
+@pytest.mark.parametrize("name", ["coop", "maple"])
+def test_compiled_text_tower_gives_the_eager_logits_and_gradients_across_class_sets(name):
     torch.manual_seed(0)
     images, labels = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
-    eager = build_method("coop", fresh_backbone(), CLASSNAMES, TEMPLATES, n_ctx=4)
-    compiled = build_method("coop", fresh_backbone().accelerate(compile_text=True), CLASSNAMES, TEMPLATES, n_ctx=4)
+    eager = build_method(name, fresh_backbone(), CLASSNAMES, TEMPLATES, n_ctx=4)
+    compiled = build_method(name, fresh_backbone().accelerate(compile_text=True), CLASSNAMES, TEMPLATES, n_ctx=4)
     compiled.load_state_dict(eager.state_dict())
     assert compiled.backbone.describe()["speed"] == {"compile_text": True, "channels_last": False}
     for method in (eager, compiled):

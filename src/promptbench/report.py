@@ -3,7 +3,8 @@
 Rows are grouped by (method, dataset, backbone, protocol, shots, eval set) and report the mean and the
 standard deviation over seeds (population std, as the CoOp-family tables do), optionally a 95%
 confidence interval (Student t over seeds), the seed count and the seeds missing from a row compared
-with the seeds present anywhere in the report.
+with the seeds present in the rows of the same setting (dataset, backbone, protocol): a one-seed sweep
+beside a three-seed one in the same report is not short of seeds.
 """
 
 from __future__ import annotations
@@ -146,12 +147,20 @@ def attach_published(rows: list[Row], published_csv: str | Path) -> None:
         row.published = table.get(tuple(str(part) for part in row.key))
 
 
-def all_seeds(rows: list[Row]) -> set[int]:
-    return set().union(*(row.values for row in rows)) if rows else set()
+def setting(row: Row) -> tuple:
+    method, dataset, backbone, protocol, shots, eval_set = row.key
+    return dataset, backbone, protocol
+
+
+def seeds_by_setting(rows: list[Row]) -> dict[tuple, set[int]]:
+    seeds: dict[tuple, set[int]] = {}
+    for row in rows:
+        seeds.setdefault(setting(row), set()).update(row.values)
+    return seeds
 
 
 def table_records(rows: list[Row], metric: str = "top1", with_ci: bool = False) -> list[dict[str, str]]:
-    seeds = all_seeds(rows)
+    seeds = seeds_by_setting(rows)
     compare = any(row.published is not None for row in rows)
     records = []
     for row in rows:
@@ -162,7 +171,7 @@ def table_records(rows: list[Row], metric: str = "top1", with_ci: bool = False) 
         if with_ci:
             record["ci95"] = "-" if row.ci95 is None else f"{row.ci95:.2f}"
         record["seeds"] = str(len(row.values))
-        record["missing_seeds"] = ",".join(map(str, sorted(seeds - set(row.values)))) or "-"
+        record["missing_seeds"] = ",".join(map(str, sorted(seeds[setting(row)] - set(row.values)))) or "-"
         if compare:
             record["published"] = "-" if row.published is None else f"{row.published:.2f}"
             record["diff"] = "-" if row.published is None else f"{row.mean - row.published:+.2f}"

@@ -187,9 +187,11 @@ def test_epoch_samplers_shard_by_rank_under_ddp(monkeypatch):
     assert len(together) - len(set(together)) == 2, "padding repeats as few items as DistributedSampler does"
 
 
-def test_ddp_on_cpu_processes_trains_and_writes_results_once(toy_root, run_env, tmp_path):
-    args = [*COOP, f"dataset.root={toy_root}", "trainer.max_epochs=2", "trainer=ddp", "trainer.accelerator=cpu",
-            "trainer.devices=2"]
+# prograd all-reduces its second gradient itself; promptsrc aggregates its prompts over epochs on every rank
+@pytest.mark.parametrize("method", ["coop", "prograd", "promptsrc"])
+def test_ddp_on_cpu_processes_trains_and_writes_results_once(method, toy_root, run_env, tmp_path):
+    args = [f"method={method}", *COOP[1:], f"dataset.root={toy_root}", "trainer.max_epochs=2", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2"]
     result = run_py(args, run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     [results] = find_results(tmp_path / "outputs")

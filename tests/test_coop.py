@@ -214,18 +214,28 @@ def test_schedule_is_constant_warmup_then_per_epoch_cosine():
     assert warmup_cosine_factor(0, 4, 0, 0.005) == 1.0
 
 
-def test_lightning_applies_the_schedule_per_epoch(tiny_backbone):
-    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2)
+def learning_rates_per_epoch(method, epochs: int = 3) -> tuple[list[float], L.Trainer]:
+    """The learning rate at the start of each epoch of a short fit on 4 random images (batch 2), and the trainer."""
     seen = []
 
     class RecordLr(L.Callback):
         def on_train_epoch_start(self, trainer, module):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    run = trainer(epochs=3)
+    run = trainer(epochs=epochs)
     run.callbacks.append(RecordLr())
     run.fit(method, loader(random_images(4), torch.tensor([0, 1, 2, 0]), batch_size=2))
-    assert seen == pytest.approx([1e-5, 0.002, 0.002 * 0.5 * (1 + math.cos(math.pi / 3))])
+    return seen, run
+
+
+# The reference schedule at 3 epochs: the warm-up epoch at 1e-5, then the cosine over 3 steps.
+REFERENCE_LRS_3_EPOCHS = [1e-5, 0.002, 0.002 * 0.5 * (1 + math.cos(math.pi / 3))]
+
+
+def test_lightning_applies_the_schedule_per_epoch(tiny_backbone):
+    method = build_method("coop", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=2, batch_size=2)
+    seen, _ = learning_rates_per_epoch(method)
+    assert seen == pytest.approx(REFERENCE_LRS_3_EPOCHS)
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_backbone):

@@ -18,9 +18,11 @@ from test_coop import (
     CLASSNAMES,
     OTHER_CLASSNAMES,
     PHRASE,
+    REFERENCE_LRS_3_EPOCHS,
     TEMPLATES,
     TOLERANCE,
     fit,
+    learning_rates_per_epoch,
     loader,
     perturb_context,
     random_images,
@@ -183,16 +185,8 @@ def test_prograd_starts_from_the_templates_words_at_the_end_of_the_context(tiny_
 
 def test_prograd_steps_the_schedule_once_per_epoch(tiny_backbone):
     method = build_method("prograd", tiny_backbone, CLASSNAMES, TEMPLATES, n_ctx=4, batch_size=2)
-    seen = []
-
-    class RecordLr(L.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    run = trainer(epochs=3)
-    run.callbacks.append(RecordLr())
-    run.fit(method, loader(random_images(4), torch.tensor([0, 1, 2, 0]), batch_size=2))
-    assert seen == pytest.approx([1e-5, 0.002, 0.002 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 3)).item())])
+    seen, run = learning_rates_per_epoch(method)
+    assert seen == pytest.approx(REFERENCE_LRS_3_EPOCHS)
     assert run.global_step == 6 and {"train/loss", "train/kl_loss", "train/conflict"} <= set(run.logged_metrics)
 
 

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import build_method
 from promptbench.errors import PromptbenchError
-from promptbench.methods.promptsrc import GPA_CHECKPOINT_KEY, PROMPTSRC_TEMPLATES, gpa_weights
+from promptbench.methods.prompts import TEMPLATE_SETS
+from promptbench.methods.promptsrc import GPA_CHECKPOINT_KEY, gpa_weights
 from promptbench.resume import ResumableTraining
 
 CLASSNAMES = ["golden_retriever", "cat", "sea lion"]
@@ -109,7 +110,7 @@ def reference_teacher_image(backbone, images) -> torch.Tensor:
 
 # ---- the loss ---------------------------------------------------------------------------------------------
 def test_teacher_templates_are_the_official_60():
-    assert list(PROMPTSRC_TEMPLATES) == OFFICIAL_TEMPLATES
+    assert list(TEMPLATE_SETS["promptsrc60"]) == OFFICIAL_TEMPLATES
 
 
 def test_loss_equals_the_official_formula_by_hand(tiny_backbone):

@@ -44,7 +44,6 @@ class KgCoOp(CoOp):
     ):
         super().__init__(backbone, classnames, templates, **config)
         self.w = float(w)
-        self.template_set = template_set
         self.keep_hand_crafted_features(template_set)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:

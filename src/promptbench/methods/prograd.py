@@ -92,7 +92,6 @@ class ProGrad(CoOp):
         super().__init__(backbone, classnames, templates, n_ctx=n_ctx, ctx_init=None, **config)
         self.lambda_ = float(lambda_)
         self.temperature = float(temperature)
-        self.template_set = template_set
         self.automatic_optimization = False
         self.keep_hand_crafted_features(template_set)
         if ctx_init:

@@ -15,10 +15,14 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGE
 from promptbench.backbones import Backbone
 from promptbench.errors import PromptbenchError
 
-# Named ensembles: the 7 templates of Tip-Adapter / CoOp's ZeroshotCLIP2, and the CLIP paper's 80.
+_CLIP80 = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+# Named ensembles: the 7 templates of Tip-Adapter / CoOp's ZeroshotCLIP2, the CLIP paper's 80, and PromptSRC's
+# text teacher (trainers/imagenet_templates.py IMAGENET_TEMPLATES: the first 60 of the 80, with "a photo of
+# a {}." (position 40) moved to the front).
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet7": tuple(template("{}") for template in SIMPLE_IMAGENET_TEMPLATES),
-    "clip80": tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES),
+    "clip80": _CLIP80,
+    "promptsrc60": (_CLIP80[39], *_CLIP80[:39], *_CLIP80[40:60]),
 }
 DATASET_TEMPLATES = "dataset"
 TEXT_BATCH = 1024

@@ -36,13 +36,8 @@ import torch.nn.functional as F
 from promptbench.backbones import Backbone
 from promptbench.errors import PromptbenchError
 from promptbench.methods.ivlp import IVLP
-from promptbench.methods.prompts import TEMPLATE_SETS, encode_texts, fill, resolve_templates
+from promptbench.methods.prompts import encode_texts, fill, resolve_templates
 
-_CLIP80 = TEMPLATE_SETS["clip80"]
-# PromptSRC trainers/imagenet_templates.py IMAGENET_TEMPLATES: the first 60 of CLIP's 80 ImageNet templates,
-# with "a photo of a {}." (position 40 of the 80) moved to the front.
-PROMPTSRC_TEMPLATES: tuple[str, ...] = (_CLIP80[39], *_CLIP80[:39], *_CLIP80[40:60])
-TEACHER_TEMPLATE_SETS = {"promptsrc60": PROMPTSRC_TEMPLATES}
 GPA_CHECKPOINT_KEY = "promptsrc_gpa"
 
 
@@ -95,10 +90,7 @@ class PromptSRC(IVLP):
 
     # ---- the frozen teachers ------------------------------------------------------------------------
     def teacher_templates(self) -> list[str]:
-        choice = self.teacher_templates_choice
-        if isinstance(choice, str) and choice in TEACHER_TEMPLATE_SETS:
-            return list(TEACHER_TEMPLATE_SETS[choice])
-        return resolve_templates(choice, self.templates)
+        return resolve_templates(self.teacher_templates_choice, self.templates)
 
     def teacher_text_features(self) -> torch.Tensor:
         """[n_cls, dim]: per class the mean of the frozen unnormalised template features, normalised."""
@@ -148,12 +140,8 @@ class PromptSRC(IVLP):
         terms = self.loss_terms(inputs, labels)
         loss = terms["loss"]
         self.stop_on_non_finite(loss)
-        size = len(labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for key in ("loss_ce", "loss_kl", "loss_text", "loss_image"):
-            self.log(f"train/{key}", terms[key], batch_size=size)
-        accuracy = (terms["logits"].argmax(dim=-1) == labels).float().mean()
-        self.log("train/acc", accuracy, prog_bar=True, batch_size=size)
+        self.log_training(loss, terms["logits"], labels,
+                          **{key: terms[key] for key in ("loss_ce", "loss_kl", "loss_text", "loss_image")})
         return loss
 
     def on_train_start(self) -> None:
@@ -189,18 +177,21 @@ class PromptSRC(IVLP):
                 running[name] = term if name not in running else running[name].to(term.device) + term
         self._gpa["epochs"].append(epoch)
         if epoch == epochs:
-            self._apply_gpa(sum(gpa_weights(self.gpa_mean, self.gpa_std, epochs)[e - 1] for e in self._gpa["epochs"]))
+            self._apply_gpa(self._aggregated_weight())
 
     def on_train_end(self) -> None:
         # Training ended before trainer.max_epochs: aggregate the epochs it completed.
         super().on_train_end()
         if self._gpa is None or self._gpa["applied"] or not self._gpa["epochs"]:
             return
-        epochs = self.trainer.max_epochs
-        weights = gpa_weights(self.gpa_mean, self.gpa_std, epochs)
-        covered = sum(weights[e - 1] for e in self._gpa["epochs"])
+        covered = self._aggregated_weight()
         if covered > 0:
             self._apply_gpa(covered)
+
+    def _aggregated_weight(self) -> float:
+        """The summed GPA weights of the epochs in the running sum (1 once every epoch of the run is in)."""
+        weights = gpa_weights(self.gpa_mean, self.gpa_std, self.trainer.max_epochs)
+        return sum(weights[epoch - 1] for epoch in self._gpa["epochs"])
 
     def _apply_gpa(self, covered: float) -> None:
         with torch.no_grad():

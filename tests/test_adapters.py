@@ -49,6 +49,7 @@ def store(tmp_path_factory):
 
 def datamodule_for(method, task, backbone, store) -> FewShotDataModule:
     store.sets_seen.clear()
+    task.select_with(method.selection)
     return FewShotDataModule(task.sets(), task.source, backbone, method.contract(), device=torch.device("cpu"),
                              feature_store=store, eval_batch_size=16, seed=1)
 
@@ -140,16 +141,16 @@ def test_tip_searches_on_val_only_and_saves_its_cache(tiny_backbone, task, store
                           views={"n": 2, "scale": [0.5, 1.0]})
     datamodule = datamodule_for(method, task, tiny_backbone, store)
     method.prepare(datamodule.provider)
-    assert set(store.sets_seen) == {"train", "val"}, "the search must never read the test split"
+    assert set(store.sets_seen) == {"train", "selection"}, "the search reads the selection set only"
+    assert datamodule.sets["selection"] is task.val, "selection=fewshot_val selects on the few-shot val split"
     assert method.cache_keys.shape == (len(task.train), tiny_backbone.embed_dim)
     # The chosen pair is the reference search's pick on the val features.
-    val = datamodule.features("val")
+    val = datamodule.features("selection")
     features = F.normalize(val.features, dim=-1)
     expected = reference_search(100 * features @ method.classifier().T, features @ method.cache_keys.T,
                                 F.one_hot(method.cache_labels, 3).float(), val.labels,
                                 reference_grid(4.0, 20), reference_grid(6.0, 200))
     assert (float(method.alpha), float(method.beta)) == pytest.approx(expected)
-    assert method.run_notes()["searched_on"] == "val"
 
     method.save_learned(tmp_path / "tip.safetensors")
     reloaded = build_method("tip_adapter", tiny_backbone, CLASSES, TEMPLATES)
@@ -190,7 +191,7 @@ def test_tip_f_trains_only_the_keys_and_selects_on_val(tiny_backbone, task, stor
     datamodule = datamodule_for(method, task, tiny_backbone, store)
     backbone_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     history = fit(method, datamodule, epochs=6)
-    assert set(store.sets_seen) == {"train", "val"}, "the epoch and alpha/beta must be chosen without the test split"
+    assert set(store.sets_seen) == {"train", "selection"}, "the epoch and alpha/beta are chosen on the selection set"
     assert len(history.losses) == 6 and history.losses[-1] < history.losses[0]
     initial_keys = F.normalize(datamodule.views("train", Views(2, (0.5, 1.0))).mean().features, dim=-1)
     assert not torch.allclose(method.cache_keys, initial_keys), "the keys should have been trained"
@@ -198,19 +199,31 @@ def test_tip_f_trains_only_the_keys_and_selects_on_val(tiny_backbone, task, stor
     assert trainable == ["cache_keys"]
     for name, value in method.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[name]), name
-    notes = method.run_notes()
-    assert notes["paper_parity"] is False and notes["epoch_selected_on"] == "val" and 0 <= notes["best_epoch"] < 6
+    assert 0 <= method.run_notes()["best_epoch"] < 6
+    assert method.selection_record() == {"policy": "fewshot_val", "selects": ["epoch", "alpha", "beta"]}
 
 
-def test_tip_f_paper_parity_reads_the_test_split(tiny_backbone, task, store):
+def test_tip_f_test_parity_selects_on_the_test_split(tiny_backbone, task, store):
     method = build_method("tip_adapter_f", tiny_backbone, CLASSES, TEMPLATES, views={"n": 2, "scale": [0.5, 1.0]},
-                          train_views={"n": 2, "scale": [0.5, 1.0]}, paper_parity=True, beta_steps=10)
+                          train_views={"n": 2, "scale": [0.5, 1.0]}, selection="test_parity", beta_steps=10)
     datamodule = datamodule_for(method, task, tiny_backbone, store)
     fit(method, datamodule, epochs=2)
-    assert "test" in store.sets_seen
-    notes = method.run_notes()
-    assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
-    assert notes["epoch_selected_on"] == "test" and "optimistic" in notes["warning"]
+    assert datamodule.sets["selection"] is task.evals["test"]
+    assert set(store.sets_seen) == {"train", "selection"}
+    assert "optimistic" in method.selection_record()["warning"]
+
+
+def test_tip_f_without_selection_keeps_the_last_epoch_and_the_initial_alpha_beta(tiny_backbone, task, store):
+    method = build_method("tip_adapter_f", tiny_backbone, CLASSES, TEMPLATES, views={"n": 2, "scale": [0.5, 1.0]},
+                          train_views={"n": 2, "scale": [0.5, 1.0]}, selection="none", init_alpha=1.5, init_beta=2.5,
+                          overrides=["optim.optimizer.lr=0.01"])
+    datamodule = datamodule_for(method, task, tiny_backbone, store)
+    assert "selection" not in method.contract().reads and "selection" not in datamodule.sets
+    fit(method, datamodule, epochs=3)
+    assert set(store.sets_seen) == {"train"}, "selection=none reads no selection data"
+    assert (float(method.alpha), float(method.beta)) == (1.5, 2.5)
+    assert "best_epoch" not in method.run_notes()
+    assert method.selection_record() == {"policy": "none", "selects": []}
 
 
 # ---- CLIP-Adapter ----------------------------------------------------------------------------------------
@@ -286,11 +299,12 @@ def test_linear_probe_picks_a_sensible_c_on_separable_features(tiny_backbone, cl
         seen.append(name)
         return sets[name]
 
+    sets["selection"] = sets["val"]
     method = build_method("linear_probe", tiny_backbone, CLASSES[:classes], TEMPLATES, search_rounds=3)
     method.prepare(SimpleNamespace(features=features))
-    assert sorted(set(seen)) == ["train", "val"]
+    assert sorted(set(seen)) == ["selection", "train"]
     # Strong regularisation (C=1e-6) flattens the classifier to chance: the search must not pick it.
-    assert method.run_notes()["val_top1"] == 100.0 and float(method.c) >= 1e-2
+    assert method.run_notes()["selection_top1"] == 100.0 and float(method.c) >= 1e-2
     test = sets["test"]
     accuracy = (method(test.features).argmax(-1) == test.labels).float().mean()
     assert accuracy > 0.9
@@ -314,17 +328,20 @@ def test_every_adapter_runs_end_to_end_and_shares_the_cache(toy_root, run_env, t
         assert payload["training"] == ({"epochs": 2, "steps": 2} if name in ("tip_adapter_f", "clip_adapter") else None)
     # The sweep runs in this order: Tip-Adapter-F finds every feature it needs in Tip-Adapter's cache.
     assert results["tip_adapter_f"]["feature_cache"]["extractions"] == 0
-    assert results["tip_adapter_f"]["method_notes"]["paper_parity"] is False
+    assert results["tip_adapter_f"]["selection"] == {"policy": "fewshot_val", "selects": ["epoch", "alpha", "beta"],
+                                                     "images": 6, "images_also_evaluated": 0}
+    assert results["clip_adapter"]["selection"] == {"policy": "fewshot_val", "selects": []}
 
 
-def test_paper_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
-    result = run_py(["method=tip_adapter_f", "method.paper_parity=true", "trainer.max_epochs=1", "method.views.n=1",
+def test_test_parity_run_is_marked_in_results(toy_root, run_env, tmp_path):
+    result = run_py(["method=tip_adapter_f", "selection=test_parity", "trainer.max_epochs=1", "method.views.n=1",
                      "backbone=tiny", "dataset=folder", f"dataset.root={toy_root}", "shots=2", "logger=none",
                      "num_workers=0"], run_env)
     assert result.returncode == 0, result.stderr[-3000:]
     [payload] = find_results(tmp_path / "outputs")
-    notes = payload["method_notes"]
-    assert notes["paper_parity"] is True and notes["test_split_used_for_selection"] is True
+    record = payload["selection"]
+    assert record["policy"] == "test_parity" and "optimistic" in record["warning"]
+    assert record["images"] == record["images_also_evaluated"] == payload["metrics"]["test"]["n"]
 
 
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f", "clip_adapter", "linear_probe"])

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from promptbench import paths
 from promptbench.errors import PromptbenchError
+from promptbench.selection import check_policy
 
 
 def coop_epochs(shots: int) -> int:
@@ -61,8 +62,9 @@ def compose_config(conf_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 def method_from_config(cfg: DictConfig, backbone: Any, classnames: Sequence[str], templates: Sequence[str],
                        **options: Any) -> Any:
-    """The method of a composed config (with its optim), `options` (Python values) set on top of its yaml."""
-    node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True) | options)
+    """The method of a composed config (with its optim and the run's selection policy), `options` (Python values)
+    set on top of its yaml."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True) | {"selection": cfg.selection} | options)
     check_option_types(node, "method")
     optim = build(cfg.optim) if cfg.get("optim") else None
     return build(node, backbone=backbone, classnames=list(classnames), templates=list(templates), optim=optim)
@@ -134,6 +136,7 @@ def check_run_config(cfg: DictConfig) -> None:
     _integer(cfg, "seed", 0, "the seed of few-shot sampling and training")
     _integer(cfg, "eval_batch_size", 1, "images per evaluation batch")
     _integer(cfg, "num_workers", 0, "image-loading worker processes; 0: load in the main process")
+    check_policy(cfg.get("selection"))
     if str(cfg.precision) not in PRECISIONS:
         raise PromptbenchError(f"precision={cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     for key in ("eval_only", "overwrite", "save_predictions", "feature_cache", "verbose"):

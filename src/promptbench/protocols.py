@@ -21,6 +21,7 @@ import torch
 from promptbench.data.datasets import Dataset, ImageNet, ImageNetFamily, imagenet_labels, open_dataset
 from promptbench.data.items import Item, LabeledSet
 from promptbench.errors import PromptbenchError
+from promptbench.selection import SELECTION_SET, check_policy
 
 # Metrics of which a harmonic mean is meaningful (not ECE, not counts).
 ACCURACY_METRICS = ("top1", "mean_per_class", "top5")
@@ -37,9 +38,45 @@ class Task:
     scored_labels: dict[str, list[int]] = field(default_factory=dict)
     # derived result name -> the two eval sets it is the harmonic mean of (base-to-new's "harmonic_mean").
     harmonic_means: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The dataset's whole val split in the training classes (selection=full_val).
+    full_val: LabeledSet | None = None
+    # The eval set of the training classes' test images (selection=test_parity): "test", base-to-new's "base".
+    train_class_test: str = "test"
+    # The images the method may select on under the run's policy (`select_with`); None: no selection data.
+    selection: LabeledSet | None = None
 
     def sets(self) -> dict[str, LabeledSet]:
-        return {"train": self.train, "val": self.val, **self.evals}
+        selection = {} if self.selection is None else {SELECTION_SET: self.selection}
+        return {"train": self.train, "val": self.val, **selection, **self.evals}
+
+    def selection_images_evaluated(self) -> int:
+        """How many selection images are also in an eval set (ImageNet's val is its test set)."""
+        if self.selection is None:
+            return 0
+        evaluated = {item.path for eval_set in self.evals.values() for item in eval_set.items}
+        return sum(item.path in evaluated for item in self.selection.items)
+
+    def select_with(self, policy: str) -> None:
+        """Supply the selection set of a policy (selection.py) under the name SELECTION_SET."""
+        policy = check_policy(policy)
+        if policy == "none":
+            self.selection = None
+        elif policy == "fewshot_val":
+            self.selection = self.val
+        elif policy == "test_parity":
+            self.selection = self.evals[self.train_class_test]
+        else:
+            test_paths = {item.path for item in self.evals[self.train_class_test].items}
+            if self.full_val is None or not self.full_val.items:
+                raise PromptbenchError(f"selection=full_val: {self.source} has no val split to select on; use "
+                                       f"selection=fewshot_val or selection=none")
+            if any(item.path in test_paths for item in self.full_val.items):
+                raise PromptbenchError(
+                    f"selection=full_val: {self.source}'s val split holds its test images (ImageNet's convention, "
+                    f"protocol.md section 1), so selecting on it is selecting on the test set. Use "
+                    f"selection=test_parity to reproduce a paper that does so (marked as such), or "
+                    f"selection=fewshot_val / selection=none")
+            self.selection = self.full_val
 
     def scored_outputs(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Restrict an eval set's logits to the classes it is scored over, labels renumbered to match."""
@@ -103,7 +140,8 @@ class FewShot(Protocol):
 
     def build(self, dataset: Dataset, shots: int) -> Task:
         train, val = self.fewshot(dataset, shots)
-        return Task(source=dataset.display_name, train=train, val=val, evals={"test": dataset["test"]})
+        return Task(source=dataset.display_name, train=train, val=val, evals={"test": dataset["test"]},
+                    full_val=dataset["val"])
 
 
 class BaseToNew(Protocol):
@@ -125,6 +163,8 @@ class BaseToNew(Protocol):
             val=keep_classes(val, base),
             evals={"base": keep_classes(test, base), "new": keep_classes(test, new)},
             harmonic_means={"harmonic_mean": ("base", "new")},
+            full_val=keep_classes(dataset["val"], base),
+            train_class_test="base",
         )
 
 
@@ -146,7 +186,8 @@ class CrossDataset(Protocol):
         # Sample first, so the source's few-shot set is the one the reference draws right after seeding.
         train, val = self.fewshot(dataset, shots)
         evals = {dataset.display_name: dataset["test"]}
-        task = Task(source=dataset.display_name, train=train, val=val, evals=evals)
+        task = Task(source=dataset.display_name, train=train, val=val, evals=evals, full_val=dataset["val"],
+                    train_class_test=dataset.display_name)
         for target in self.targets:
             if target in evals:
                 raise PromptbenchError(f"protocol {self.name}: target '{target}' is listed twice or is the source")

@@ -31,6 +31,7 @@ from promptbench.methods.base import Method
 from promptbench.metrics import classification_metrics
 from promptbench.protocols import Task
 from promptbench.resume import ResumableTraining
+from promptbench.selection import CLEAN_POLICIES
 from promptbench.results import (
     RESULTS_FILE,
     MalformedResults,
@@ -115,6 +116,26 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, 
         }
     metrics.update(task.derived_metrics(metrics))  # e.g. base-to-new's harmonic mean
     return metrics, predictions
+
+
+def selection_record(method: Method, task: Task) -> dict[str, Any]:
+    """The policy, what the method chose on it, and how many of its images are also evaluated on."""
+    record = method.selection_record()
+    if method.selecting:
+        record["images"] = len(task.selection)
+        record["images_also_evaluated"] = task.selection_images_evaluated()
+    return record
+
+
+def warn_if_selection_overlaps(method: Method, task: Task) -> None:
+    """A clean policy whose images are test images (ImageNet's val is its test set) is said once, not hidden."""
+    if not method.selecting or method.selection not in CLEAN_POLICIES:
+        return
+    shared = task.selection_images_evaluated()
+    if shared:
+        log.warning("selection=%s: %d of its %d images are also evaluated on (%s's val split is its test split, as "
+                    "in the reference); results.json records it under selection.images_also_evaluated",
+                    method.selection, shared, len(task.selection), task.source)
 
 
 def refuse_untransferable(method: Method, task: Task, protocol: str) -> None:
@@ -227,9 +248,11 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         job.dataset = build(cfg.dataset)
         job.task = build(cfg.protocol).build(job.dataset, cfg.shots)
+        job.task.select_with(cfg.selection)
     with timer("build/method"):
         job.method = method_from_config(cfg, backbone, job.task.train.classnames, job.task.train.templates)
     refuse_untransferable(job.method, job.task, cfg.protocol.name)
+    warn_if_selection_overlaps(job.method, job.task)
     job.loggers = build_loggers(cfg)
     job.resumable = ResumableTraining(run_dir, result_relevant(OmegaConf.to_container(cfg, resolve=True)),
                                       cfg.get("time_budget_min"))
@@ -314,6 +337,7 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
         "training": {"epochs": job.epochs_run, "steps": trainer.global_step} if job.epochs_run is not None else None,
         "metrics": metrics,
         "method_notes": method.run_notes(),
+        "selection": selection_record(method, task),
         "splits": {name: len(labeled) for name, labeled in task.sets().items()},
         "data": data_record(job),
         "feature_cache": {"extractions": job.datamodule.feature_store.extractions,

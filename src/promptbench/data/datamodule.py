@@ -21,11 +21,13 @@ from promptbench.data.loading import ImageProblems, collate_skipping_bad, image_
 from promptbench.data.transforms import DEFAULT_CROP_SCALE, test_transform, train_transform
 from promptbench.errors import PromptbenchError
 from promptbench.data.items import LabeledSet
+from promptbench.selection import SELECTION_SET
 
 log = logging.getLogger(__name__)
-# The sets a method trains and prepares on. They are small (K shots per class), so with skip_bad_images their
-# images are checked once before first use; the eval sets' skipped images show in their predictions instead.
-FEWSHOT_SETS = ("train", "val")
+# The sets a method trains and prepares on. With skip_bad_images their images are checked once before first
+# use (they are small, K shots per class, unless a policy selects on a whole split); the eval sets' skipped
+# images show in their predictions instead.
+FEWSHOT_SETS = ("train", "val", SELECTION_SET)
 
 
 class ViewPerEpochSampler(Sampler[int]):

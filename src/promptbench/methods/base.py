@@ -6,7 +6,9 @@ that train the run's `Optimization` from conf/optim/) and declares:
   cached augmented views it trains on, the sets it reads in `prepare`, its training batch size;
 - `trains`: True -> the runner calls `Trainer.fit`; False -> training-free;
 - `transfers_to_new_classes`: False if its parameters are tied to the training classes;
-- `uses_train_data`: False for methods that never look at the training images (reported at 0 shots).
+- `uses_train_data`: False for methods that never look at the training images (reported at 0 shots);
+- `selects`: what it chooses on selection data (hyper-parameters, an epoch); the run's `selection` policy
+  (selection.py) says which images those are, or that there are none and the fixed defaults hold.
 `prepare(provider)` runs before training for every method (build a cache, search hyper-parameters, fit a
 probe); `forward` maps a batch of the contract's inputs to logits over the current class set. A method
 never touches the data module, the trainer's data module or the runner: the provider is all it gets.
@@ -31,6 +33,7 @@ from promptbench.contract import DataContract, FeatureProvider
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path, write_json_atomic
 from promptbench.methods.optim import Optimization
+from promptbench.selection import DEFAULT_POLICY, SELECTION_SET, TEST_PARITY_WARNING, check_policy
 
 BACKBONE_PREFIX = "backbone."
 
@@ -40,6 +43,7 @@ class Method(L.LightningModule):
     trains: ClassVar[bool] = True
     transfers_to_new_classes: ClassVar[bool] = True
     uses_train_data: ClassVar[bool] = True
+    selects: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class Method(L.LightningModule):
         templates: Sequence[str],
         name: str | None = None,
         optim: Optimization | None = None,
+        selection: str = DEFAULT_POLICY,
         **unused: Any,
     ):
         super().__init__()
@@ -64,6 +69,7 @@ class Method(L.LightningModule):
         self.classnames = list(classnames)
         self.templates = list(templates)
         self.optim = optim if self.trains else None
+        self.selection = check_policy(selection)
         # Checkpoints hold the learned parameters only; the frozen backbone is rebuilt from its config.
         self.strict_loading = False
 
@@ -73,6 +79,22 @@ class Method(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def selecting(self) -> bool:
+        """Whether this run chooses anything on selection data (a method that selects, a policy that has data)."""
+        return bool(self.selects) and self.selection != "none"
+
+    def selection_reads(self) -> tuple[str, ...]:
+        """The contract's `reads` for selection: the policy's set when the method selects on it, else nothing."""
+        return (SELECTION_SET,) if self.selecting else ()
+
+    def selection_record(self) -> dict[str, Any]:
+        """results.json's `selection`: the policy, what it chose, and the loud mark of a test-set selection."""
+        record: dict[str, Any] = {"policy": self.selection, "selects": list(self.selects) if self.selecting else []}
+        if self.selecting and self.selection == "test_parity":
+            record["warning"] = TEST_PARITY_WARNING.format(what=", ".join(self.selects))
+        return record
 
     def prepare(self, provider: FeatureProvider) -> None:
         """Runs before training, for every method: build a cache, search hyper-parameters on val, fit a

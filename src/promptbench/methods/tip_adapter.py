@@ -6,11 +6,14 @@ f: the L2-normalised test-transform image feature; W_text: the hand-crafted prom
 L2-normalised train features averaged over 10 augmented views (RandomResizedCrop scale (0.5, 1) + flip);
 values: their one-hot labels. The reference scales the text term by a fixed 100, not CLIP's logit_scale.
 
-Tip-Adapter is training-free: alpha and beta are searched on the few-shot val split over the reference
-grid. Tip-Adapter-F makes the keys trainable (the weight of a bias-free linear layer f -> f @ keys.T),
-trains them with alpha/beta at their initial values, keeps the epoch that scores best on few-shot val,
-then searches alpha/beta on few-shot val. The reference picks that epoch on the TEST split;
-`paper_parity: true` reproduces it and the run says so in results.json (`method_notes`).
+Tip-Adapter is training-free: alpha and beta are searched over the reference grid on the run's selection
+set (selection.py). Tip-Adapter-F makes the keys trainable (the weight of a bias-free linear layer
+f -> f @ keys.T), trains them with alpha/beta at their initial values, keeps the epoch that scores best on
+the selection set, then searches alpha/beta on it. With `selection=none` neither searches: the last
+epoch and the initial alpha/beta are kept. The reference's choices: `selection=full_val` is Tip-Adapter's
+alpha/beta search (main.py searches the whole val split); `selection=test_parity` is Tip-Adapter-F's epoch
+choice on the test split, with the reference's final max(test at the best epoch, test after the search)
+(its main_imagenet.py also searches alpha/beta on test; main.py searches them on the whole val split).
 The cache values are the training classes: neither method moves to another class set.
 """
 
@@ -26,6 +29,7 @@ from promptbench.backbones import Backbone
 from promptbench.contract import DataContract, FeatureProvider, FeatureSet, Views
 from promptbench.errors import PromptbenchError
 from promptbench.methods.zeroshot import ZeroShotCLIP
+from promptbench.selection import SELECTION_SET
 
 # The reference's final search starts at 0.1 for both alpha and beta.
 GRID_START = 0.1
@@ -64,6 +68,7 @@ class TipAdapter(ZeroShotCLIP):
     trains = False
     transfers_to_new_classes = False
     uses_train_data = True
+    selects = ("alpha", "beta")
     # Tip-Adapter-F trains the keys; Tip-Adapter keeps them as a buffer.
     trainable_keys = False
 
@@ -79,7 +84,6 @@ class TipAdapter(ZeroShotCLIP):
         beta_max: float,
         alpha_steps: int,
         beta_steps: int,
-        search: bool,
         text_scale: float | None,
         views: Mapping[str, Any] | Views,
         **config: Any,
@@ -95,7 +99,6 @@ class TipAdapter(ZeroShotCLIP):
             raise PromptbenchError(f"method.text_scale must be > 0 (or null: the backbone's logit scale), got {text_scale}")
         self.alpha_grid = reference_grid(float(alpha_max), int(alpha_steps))
         self.beta_grid = reference_grid(float(beta_max), int(beta_steps))
-        self.search = bool(search)
         self.text_scale = None if text_scale is None else float(text_scale)
         self.views = Views.from_config(views)
         keys = torch.empty(0, backbone.embed_dim)
@@ -113,7 +116,7 @@ class TipAdapter(ZeroShotCLIP):
         self.notes: dict[str, Any] = {}
 
     def contract(self) -> DataContract:
-        return DataContract(inputs="features", reads=("train", "val"))
+        return DataContract(inputs="features", reads=("train", *self.selection_reads()))
 
     # ---- the cache ---------------------------------------------------------------------------------
     def build_cache(self, provider: FeatureProvider) -> None:
@@ -157,22 +160,22 @@ class TipAdapter(ZeroShotCLIP):
 
     # ---- the search --------------------------------------------------------------------------------
     @torch.no_grad()
-    def search_hyperparameters(self, val: FeatureSet) -> None:
-        """Set alpha and beta to the reference grid's best pair on `val` (the few-shot val split)."""
+    def search_hyperparameters(self, selection: FeatureSet) -> None:
+        """Set alpha and beta to the reference grid's best pair on the selection set."""
         device = self.cache_keys.device
-        features = F.normalize(val.features.float().to(device), dim=-1)
+        features = F.normalize(selection.features.float().to(device), dim=-1)
         text_logits = self.scale() * features @ self.classifier().to(device).T
         affinity = features @ self.cache_keys.float().T
-        alpha, beta, correct = search_alpha_beta(text_logits, affinity, self.cache_values.float(), val.labels.to(device),
-                                                 self.alpha_grid, self.beta_grid)
+        alpha, beta, correct = search_alpha_beta(text_logits, affinity, self.cache_values.float(),
+                                                 selection.labels.to(device), self.alpha_grid, self.beta_grid)
         self.alpha.fill_(alpha)
         self.beta.fill_(beta)
-        self.notes.update(searched_on="val", search_top1=100.0 * correct / len(val.labels))
+        self.notes.update(search_top1=100.0 * correct / len(selection.labels))
 
     def prepare(self, provider: FeatureProvider) -> None:
         self.build_cache(provider)
-        if self.search:
-            self.search_hyperparameters(provider.features("val"))
+        if self.selecting:
+            self.search_hyperparameters(provider.features(SELECTION_SET))
 
     def run_notes(self) -> dict[str, Any]:
         return {"alpha": float(self.alpha), "beta": float(self.beta), "cache_size": int(self.cache_keys.shape[0]),
@@ -183,8 +186,7 @@ class TipAdapterF(TipAdapter):
     name = "tip_adapter_f"
     trains = True
     trainable_keys = True
-    # The set whose features pick the best epoch in paper_parity mode, as in the reference main.py.
-    PARITY_SET = "test"
+    selects = ("epoch", "alpha", "beta")
 
     def __init__(
         self,
@@ -194,53 +196,44 @@ class TipAdapterF(TipAdapter):
         *,
         batch_size: int,
         train_views: Mapping[str, Any] | Views,
-        paper_parity: bool,
         **config: Any,
     ):
         super().__init__(backbone, classnames, templates, **config)
         self.batch_size = int(batch_size)
         # The reference trains on the cache's augmentation; by default on the very views of the cache.
         self.train_views = Views.from_config(train_views)
-        self.paper_parity = bool(paper_parity)
-        self.selection: FeatureSet | None = None
-        self.val: FeatureSet | None = None
+        self.selection_features: FeatureSet | None = None
         self.best: tuple[int, int, torch.Tensor] | None = None  # (correct, epoch, keys)
-
-    def selection_set(self) -> str:
-        return self.PARITY_SET if self.paper_parity else "val"
 
     def contract(self) -> DataContract:
         return DataContract(inputs="features", batch_size=self.batch_size, train_views=self.train_views,
-                            reads=("train", "val", self.PARITY_SET) if self.paper_parity else ("train", "val"))
+                            reads=("train", *self.selection_reads()))
 
     def prepare(self, provider: FeatureProvider) -> None:
         self.build_cache(provider)
-        self.selection = provider.features(self.selection_set())
-        self.val = provider.features("val")
+        self.selection_features = provider.features(SELECTION_SET) if self.selecting else None
         self.best = None
 
     def on_train_epoch_end(self) -> None:
+        if not self.selecting:
+            return
         # alpha and beta still hold their initial values here, as in the reference's per-epoch evaluation.
-        correct = self.top1_correct(self.selection)
-        self.log("select/top1", 100.0 * correct / len(self.selection.labels))
+        correct = self.top1_correct(self.selection_features)
+        self.log("select/top1", 100.0 * correct / len(self.selection_features.labels))
         if self.best is None or correct > self.best[0]:
             self.best = (correct, self.current_epoch, self.cache_keys.detach().clone())
 
     def on_fit_end(self) -> None:
+        if not self.selecting:
+            return  # the last epoch's keys and the initial alpha/beta
         correct, epoch, keys = self.best
         self.cache_keys.data.copy_(keys)
         initial = (float(self.alpha), float(self.beta))
-        if self.search:
-            self.search_hyperparameters(self.val)
-        self.notes.update(best_epoch=epoch, epoch_selected_on=self.selection_set(),
-                          selection_top1=100.0 * correct / len(self.selection.labels), paper_parity=self.paper_parity)
-        if self.paper_parity:
+        self.search_hyperparameters(self.selection_features)
+        self.notes.update(best_epoch=epoch, selection_top1=100.0 * correct / len(self.selection_features.labels))
+        if self.selection == "test_parity" and self.top1_correct(self.selection_features) < correct:
             # The reference reports max(test accuracy at the best epoch, test accuracy after the search):
             # keep the initial alpha/beta when they score higher on test.
-            if self.top1_correct(self.selection) < correct:
-                self.alpha.fill_(initial[0])
-                self.beta.fill_(initial[1])
-            self.notes["test_split_used_for_selection"] = True
-            self.notes["warning"] = ("paper_parity: the epoch and the final alpha/beta were chosen on the test split, "
-                                     "as the reference does; these numbers are optimistic and not a clean few-shot result")
-        self.selection = self.val = None
+            self.alpha.fill_(initial[0])
+            self.beta.fill_(initial[1])
+        self.selection_features = None

@@ -223,7 +223,7 @@ def test_tip_f_without_selection_keeps_the_last_epoch_and_the_initial_alpha_beta
     assert set(store.sets_seen) == {"train"}, "selection=none reads no selection data"
     assert (float(method.alpha), float(method.beta)) == (1.5, 2.5)
     assert "best_epoch" not in method.run_notes()
-    assert method.selection_record() == {"policy": "none", "selects": []}
+    assert method.selection_record() == {"policy": "none", "selects": ["epoch", "alpha", "beta"]}
 
 
 # ---- CLIP-Adapter ----------------------------------------------------------------------------------------

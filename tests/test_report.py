@@ -15,12 +15,13 @@ from promptbench.report import aggregate, load_results
 
 
 def write_result(root: Path, method: str, shots: int, seed: int, top1: float, dataset="dtd", protocol="fewshot",
-                 evals: dict | None = None) -> None:
+                 evals: dict | None = None, selection: dict | None = None) -> None:
     run_dir = root / protocol / dataset / method / f"shots{shots}_seed{seed}"
     run_dir.mkdir(parents=True)
     metrics = evals or {"test": {"top1": top1, "mean_per_class": top1 - 1, "n": 100}}
     payload = {"status": "completed", "method": method, "dataset": dataset, "backbone": {"name": "rn50"},
-               "protocol": protocol, "shots": shots, "seed": seed, "metrics": metrics}
+               "protocol": protocol, "shots": shots, "seed": seed, "metrics": metrics,
+               "selection": selection or {"policy": "fewshot_val", "selects": []}}
     (run_dir / "results.json").write_text(json.dumps(payload))
 
 
@@ -59,7 +60,7 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(results_dir), "--ci95", "--compare", str(published), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| coop | dtd | rn50 | fewshot | 16 | test | 63.00 |" in printed
+    assert "| coop | dtd | rn50 | fewshot | - | 16 | test | 63.00 |" in printed
     records = list(csv.DictReader((out / "report.csv").open()))
     one_shot = next(r for r in records if r["shots"] == "1")
     assert one_shot["missing_seeds"] == "2" and one_shot["seeds"] == "2"
@@ -73,6 +74,35 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
     assert (out / "report.md").read_text().startswith("| method |")
 
 
+TIP = {"policy": "fewshot_val", "selects": ["alpha", "beta"]}
+TIP_F_ON_TEST = {"policy": "test_parity", "selects": ["epoch", "alpha", "beta"], "warning": "optimistic"}
+
+
+def test_rows_selected_under_different_policies_are_not_compared_unless_asked(results_dir, tmp_path, capsys):
+    write_result(results_dir, "tip_adapter", 16, 1, 61.0, selection=TIP)
+    write_result(results_dir, "tip_adapter_f", 16, 1, 66.0, selection=TIP_F_ON_TEST)
+    assert main(["report", str(results_dir), "--no-plots", "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "dtd/test (rn50, fewshot, 16 shots)" in error and "fewshot_val: tip_adapter; test_parity: tip_adapter_f" in error
+    assert "--mixed-selection" in error and not (tmp_path / "refused" / "report.md").exists()
+
+    assert main(["report", str(results_dir), "--no-plots", "--mixed-selection", "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "| tip_adapter | dtd | rn50 | fewshot | fewshot_val | 16 | test | 61.00 |" in printed
+    assert "| tip_adapter_f | dtd | rn50 | fewshot | test_parity | 16 | test | 66.00 |" in printed
+    assert "test_parity chose their hyper-parameters or epoch on the test split" in printed
+
+
+def test_a_test_parity_sweep_alone_is_reported_and_marked(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_result(root, "tip_adapter_f", 16, 1, 66.0, selection=TIP_F_ON_TEST)
+    write_result(root, "coop", 16, 1, 60.0)  # selects nothing: comparable with any policy
+    assert main(["report", str(root), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "| tip_adapter_f | dtd | rn50 | fewshot | test_parity | 16 | test | 66.00 |" in printed
+    assert "optimistic, not clean few-shot numbers" in printed
+
+
 def test_report_on_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no completed results.json" in capsys.readouterr().err
@@ -81,11 +111,12 @@ def test_report_on_nothing_is_a_clear_error(tmp_path, capsys):
 def test_single_seed_rows_show_no_spread(results_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(results_dir), "--ci95", "--no-plots", "--out", str(out)]) == 0
-    header = "| method | dataset | backbone | protocol | shots | eval_set | top1_mean | std | ci95 | seeds | missing_seeds |"
+    header = ("| method | dataset | backbone | protocol | selection | shots | eval_set | top1_mean | std | ci95 | seeds "
+              "| missing_seeds |")
     printed = capsys.readouterr().out
     assert header in printed
-    assert "| zeroshot | dtd | rn50 | fewshot | 0 | test | 42.00 | - | - | 1 | 2,3 |" in printed
-    assert "| coop | dtd | rn50 | fewshot | 1 | test | 52.00 | 2.00 | " in printed
+    assert "| zeroshot | dtd | rn50 | fewshot | - | 0 | test | 42.00 | - | - | 1 | 2,3 |" in printed
+    assert "| coop | dtd | rn50 | fewshot | - | 1 | test | 52.00 | 2.00 | " in printed
     assert printed.split("\n\nwritten:")[0] == (out / "report.md").read_text().rstrip("\n")
     zeroshot = next(r for r in csv.DictReader((out / "report.csv").open()) if r["method"] == "zeroshot")
     assert (zeroshot["std"], zeroshot["ci95"], zeroshot["seeds"]) == ("-", "-", "1")
@@ -124,7 +155,7 @@ def test_malformed_files_are_skipped_by_name_and_failed_runs_listed(results_dir,
     captured = capsys.readouterr()
     for path in malformed:
         assert f"warning: skipped {path} is not a usable results file: " in captured.err
-    assert "| coop | dtd | rn50 | fewshot | 16 | test | 63.00 |" in captured.out and "99.00" not in captured.out
+    assert "| coop | dtd | rn50 | fewshot | - | 16 | test | 63.00 |" in captured.out and "99.00" not in captured.out
     written = (out / "report.md").read_text()
     for text in (captured.out, written):
         assert "Failed runs (2):" in text and f"- {crashed}: RuntimeError: CUDA out of memory." in text

@@ -13,7 +13,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from promptbench.report import report
 
     print(report(args.dirs, out_dir=args.out, metric=args.metric, with_ci=args.ci95, compare=args.compare,
-                 plots=not args.no_plots))
+                 plots=not args.no_plots, mixed_selection=args.mixed_selection))
     print(f"\nwritten: {args.out or args.dirs[0]}/report.md, report.csv" + ("" if args.no_plots else " and plots"))
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", metavar="CSV", help="published numbers to compare with (experiments/published.csv)")
     report.add_argument("--out", help="where report.md, report.csv and the plots go (default: the first dir)")
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("--mixed-selection", action="store_true",
+                        help="allow rows selected under different policies (selection=...) in one comparison")
     report.set_defaults(handler=cmd_report)
 
     pre = commands.add_parser("pretrain-mini", help="pretrain the bundled mini CLIP on the synthetic world")

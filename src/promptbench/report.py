@@ -1,10 +1,15 @@
 """Aggregate many results.json into tables and plots.
 
-Rows are grouped by (method, dataset, backbone, protocol, shots, eval set) and report the mean and the
+Rows are grouped by (method, dataset, backbone, protocol, selection, shots, eval set) and report the mean and the
 standard deviation over seeds (population std, as the CoOp-family tables do), optionally a 95%
 confidence interval (Student t over seeds), the seed count and the seeds missing from a row compared
 with the seeds present in the rows of the same setting (dataset, backbone, protocol): a one-seed sweep
 beside a three-seed one in the same report is not short of seeds.
+
+`selection` is the run's model-selection policy (selection.py) for a method that selects something, "-" for
+one that selects nothing. Rows compared with each other (same dataset, backbone, protocol, shots and eval
+set) must share one policy: a report that would put, say, a test-selected Tip-Adapter-F beside a
+few-shot-val one is refused unless asked for (`mixed_selection`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path
 from promptbench.results import RESULTS_FILE, MalformedResults, read_results
 
-GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "shots", "eval_set")
+GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "selection", "shots", "eval_set")
+# Published numbers are keyed without the policy (the papers' own).
+PUBLISHED_KEYS = tuple(key for key in GROUP_KEYS if key != "selection")
+NO_SELECTION = "-"
 
 
 @dataclass
@@ -118,7 +126,15 @@ def load_results(dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def _sort_key(key: tuple) -> tuple:
-    return tuple(str(part) for part in key[:4]) + (int(key[4]), str(key[5]))
+    return tuple(str(part) for part in key[:5]) + (int(key[5]), str(key[6]))
+
+
+def selection_label(result: dict) -> str:
+    """The policy of a run whose method selects something; "-" when it selects nothing."""
+    record = result.get("selection")
+    if not isinstance(record, dict):
+        return "unrecorded"  # written before the policy existed
+    return str(record.get("policy")) if record.get("selects") else NO_SELECTION
 
 
 def aggregate(results: Iterable[dict], metric: str = "top1") -> list[Row]:
@@ -128,7 +144,7 @@ def aggregate(results: Iterable[dict], metric: str = "top1") -> list[Row]:
             if metric not in metrics:
                 continue
             key = (result["method"], result["dataset"], result["backbone"]["name"], result["protocol"],
-                   int(result["shots"]), eval_set)
+                   selection_label(result), int(result["shots"]), eval_set)
             rows.setdefault(key, Row(key)).values[int(result["seed"])] = float(metrics[metric])
     return [rows[key] for key in sorted(rows, key=_sort_key)]
 
@@ -140,16 +156,37 @@ def attach_published(rows: list[Row], published_csv: str | Path) -> None:
         raise PromptbenchError(f"report --compare: no such file {path}")
     with path.open(newline="") as handle:
         table = {
-            tuple(line[k] for k in GROUP_KEYS): float(line["top1"])
+            tuple(line[k] for k in PUBLISHED_KEYS): float(line["top1"])
             for line in csv.DictReader(handle)
         }
     for row in rows:
-        row.published = table.get(tuple(str(part) for part in row.key))
+        row.published = table.get(tuple(str(getattr(row, key)) for key in PUBLISHED_KEYS))
 
 
 def setting(row: Row) -> tuple:
-    method, dataset, backbone, protocol, shots, eval_set = row.key
-    return dataset, backbone, protocol
+    return row.dataset, row.backbone, row.protocol
+
+
+def refuse_mixed_selection(rows: list[Row]) -> None:
+    """Rows compared with each other must have chosen their hyper-parameters on the same kind of data."""
+    policies: dict[tuple, dict[str, set[str]]] = {}
+    for row in rows:
+        if row.selection != NO_SELECTION:
+            comparison = (row.dataset, row.backbone, row.protocol, row.shots, row.eval_set)
+            policies.setdefault(comparison, {}).setdefault(row.selection, set()).add(row.method)
+    for (dataset, backbone, protocol, shots, eval_set), by_policy in sorted(policies.items(), key=str):
+        if len(by_policy) > 1:
+            found = "; ".join(f"{policy}: {', '.join(sorted(methods))}" for policy, methods in sorted(by_policy.items()))
+            raise PromptbenchError(
+                f"report: {dataset}/{eval_set} ({backbone}, {protocol}, {shots} shots) has rows whose hyper-parameters "
+                f"were selected under different policies ({found}), which is not a fair comparison. Report the runs "
+                f"of each policy apart (pass their directories separately), rerun them with one selection=<policy>, "
+                f"or pass --mixed-selection to show them side by side (the selection column tells them apart)")
+
+
+def series(row: Row) -> str:
+    """A plot line's name: the method, with its policy when that is not the default one."""
+    return row.method if row.selection in (NO_SELECTION, "fewshot_val") else f"{row.method} [{row.selection}]"
 
 
 def seeds_by_setting(rows: list[Row]) -> dict[tuple, set[int]]:
@@ -221,8 +258,8 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
     for dataset, backbone, protocol, eval_set in panels:
         figure, axis = plt.subplots(figsize=(5, 3.6))
         selected = [r for r in curves if (r.dataset, r.backbone, r.protocol, r.eval_set) == (dataset, backbone, protocol, eval_set)]
-        for method in sorted({r.method for r in selected}):
-            line = sorted((r for r in selected if r.method == method), key=lambda r: r.shots)
+        for method in sorted({series(r) for r in selected}):
+            line = sorted((r for r in selected if series(r) == method), key=lambda r: r.shots)
             shots = [r.shots for r in line]
             means = [r.mean for r in line]
             stds = [r.std for r in line]
@@ -239,10 +276,10 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
     if len(datasets) > 1:
         for backbone in sorted({r.backbone for r in curves}):
             figure, axis = plt.subplots(figsize=(5, 3.6))
-            for method in sorted({r.method for r in curves if r.backbone == backbone}):
+            for method in sorted({series(r) for r in curves if r.backbone == backbone}):
                 by_shots: dict[int, list[float]] = {}
                 for r in curves:
-                    if r.method == method and r.backbone == backbone and r.eval_set == "test":
+                    if series(r) == method and r.backbone == backbone and r.eval_set == "test":
                         by_shots.setdefault(r.shots, []).append(r.mean)
                 complete = sorted(s for s, values in by_shots.items() if len(values) == len(datasets))
                 if complete:
@@ -256,11 +293,11 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
     bars = [r for r in rows if r.protocol == "base2new"]
     if bars:
         figure, axis = plt.subplots(figsize=(6, 3.6))
-        groups = sorted({(r.method, r.dataset, r.backbone, r.shots) for r in bars})
+        groups = sorted({(series(r), r.dataset, r.backbone, r.shots) for r in bars})
         sets = [s for s in ("base", "new", "harmonic_mean") if any(r.eval_set == s for r in bars)]
         width = 0.8 / max(1, len(sets))
         for offset, eval_set in enumerate(sets):
-            heights = [next((r.mean for r in bars if (r.method, r.dataset, r.backbone, r.shots) == g and r.eval_set == eval_set), 0.0)
+            heights = [next((r.mean for r in bars if (series(r), r.dataset, r.backbone, r.shots) == g and r.eval_set == eval_set), 0.0)
                        for g in groups]
             axis.bar([i + offset * width for i in range(len(groups))], heights, width, label=eval_set)
         axis.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(groups))])
@@ -272,15 +309,21 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
 
 
 def report(dirs: Sequence[str | Path], out_dir: str | Path | None = None, metric: str = "top1",
-           with_ci: bool = False, compare: str | Path | None = None, plots: bool = True) -> str:
+           with_ci: bool = False, compare: str | Path | None = None, plots: bool = True,
+           mixed_selection: bool = False) -> str:
     found = find_results(dirs)
     rows = aggregate(found.completed, metric)
     if not rows:
         raise PromptbenchError(f"report: no results carry the metric '{metric}'")
+    if not mixed_selection:
+        refuse_mixed_selection(rows)
     if compare:
         attach_published(rows, compare)
     records = table_records(rows, metric, with_ci)
     text = markdown(records)
+    if any(row.selection == "test_parity" for row in rows):
+        text += ("\n\nRows with selection test_parity chose their hyper-parameters or epoch on the test split, as "
+                 "their paper's code does: optimistic, not clean few-shot numbers.")
     if found.failed:
         text += "\n\n" + failed_runs_text(found.failed)
     out = Path(out_dir or dirs[0])

@@ -90,8 +90,9 @@ class Method(L.LightningModule):
         return (SELECTION_SET,) if self.selecting else ()
 
     def selection_record(self) -> dict[str, Any]:
-        """results.json's `selection`: the policy, what it chose, and the loud mark of a test-set selection."""
-        record: dict[str, Any] = {"policy": self.selection, "selects": list(self.selects) if self.selecting else []}
+        """results.json's `selection`: the policy, what the method selects (with policy none: the defaults it kept
+        instead), and the loud mark of a test-set selection."""
+        record: dict[str, Any] = {"policy": self.selection, "selects": list(self.selects)}
         if self.selecting and self.selection == "test_parity":
             record["warning"] = TEST_PARITY_WARNING.format(what=", ".join(self.selects))
         return record

@@ -124,7 +124,7 @@ def lpclip_search(train, val, grid=(1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6), steps=8
     x_val, y_val = np.array(val.features.tolist()), np.array(val.labels.tolist())
 
     def fitted(c):
-        model = LogisticRegression(solver="lbfgs", max_iter=1000, C=c)  # l2, its penalty.fit(x_train, y_train)
+        model = LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(x_train, y_train)  # penalty l2
         return model, float((model.predict(x_val) == y_val).sum() / len(y_val))
 
     accuracies = [fitted(c)[1] for c in grid]
@@ -155,13 +155,15 @@ def test_linear_probe_chooses_lpclips_c_and_predicts_like_its_float64_classifier
     sets = {"train": noisy_features(generator, 8, dim=dim), "selection": noisy_features(generator, 4, dim=dim),
             "test": noisy_features(generator, 40, dim=dim)}
     method = build_method("linear_probe", tiny_backbone, [f"c{i}" for i in range(5)], ["{}"])
+    fit, dtypes = method.fit, set()
+    method.fit = lambda features, labels, c: dtypes.add(features.dtype) or fit(features, labels, c)
     method.prepare(type("Provider", (), {"features": staticmethod(lambda split: sets[split])}))
     c, reference = lpclip_search(sets["train"], sets["selection"])
     assert float(method.c) == pytest.approx(c, rel=1e-12)
     test = sets["test"]
     expected = reference.predict(np.array(test.features.tolist()))
     assert np.array_equal(method(test.features).argmax(-1).numpy(), expected)
-    assert method.weight.dtype == torch.float64
+    assert dtypes == {np.dtype("float64")} and method.weight.dtype == torch.float64, "lpclip fits in float64"
 
 
 def test_linear_probe_without_selection_fits_its_default_c_once(tiny_backbone):

@@ -192,7 +192,7 @@ def test_without_selection_data_nothing_but_the_train_set_is_read(tiny_backbone)
     method.prepare(provider)
     assert provider.asked == [("views", "train")]
     assert "selection_top1" not in method.run_notes()
-    assert method.selection_record() == {"policy": "none", "selects": []}
+    assert method.selection_record() == {"policy": "none", "selects": ["epoch"]}
 
 
 def test_the_learned_file_round_trips_and_other_classes_are_refused(tiny_backbone, tmp_path):

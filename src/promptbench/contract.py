@@ -11,6 +11,9 @@ supplies exactly what it names. Both sides import this module and never each oth
 - `reads`: the sets the method reads itself through the `FeatureProvider` in `prepare` (e.g. "train" for
   a cache, "val" for a hyper-parameter search); the provider refuses any other set.
 - `batch_size`: the training batch size of the method's recipe.
+- `view_sampling`: how a training epoch reads the `train_views`: "view_per_epoch" (every item once, shuffled,
+  in view e mod n) or "pool" (CLAP's cached-feature loop: max(1, N // batch_size) batches from a fresh
+  shuffle of all n * N views, so an epoch is as long as one pass over the N images would be).
 
 `Views` is the one option for augmented views in every method config: `views: {n: N, scale: [low, high]}`,
 N views of RandomResizedCrop(scale) + horizontal flip at the backbone's resolution, each encoded once and
@@ -29,6 +32,8 @@ from promptbench.errors import PromptbenchError
 
 InputKind = Literal["images", "features"]
 INPUT_KINDS = ("images", "features")
+ViewSampling = Literal["view_per_epoch", "pool"]
+VIEW_SAMPLINGS = ("view_per_epoch", "pool")
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,14 @@ class DataContract:
     batch_size: int = 32
     train_views: Views | None = None
     reads: tuple[str, ...] = ()
+    view_sampling: ViewSampling = "view_per_epoch"
 
     def __post_init__(self):
         if self.inputs not in INPUT_KINDS:
             raise PromptbenchError(f"data contract: inputs must be one of {INPUT_KINDS}, got {self.inputs!r}")
+        if self.view_sampling not in VIEW_SAMPLINGS:
+            raise PromptbenchError(f"data contract: view_sampling must be one of {VIEW_SAMPLINGS}, "
+                                   f"got {self.view_sampling!r}")
         if self.train_views is not None and self.inputs != "features":
             raise PromptbenchError("data contract: train_views are cached features; they need inputs='features'")
         if int(self.batch_size) < 1:

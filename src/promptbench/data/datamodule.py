@@ -48,17 +48,40 @@ class ViewPerEpochSampler(Sampler[int]):
     def view(self) -> int:
         return self.epoch % self.views
 
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """The epoch's indices into the stacked views, before sharding."""
+        return torch.randperm(self.items, generator=generator) + self.view() * self.items
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(view_seed(self.seed, self.epoch))
-        order = torch.randperm(self.items, generator=generator)
+        order = self.epoch_order(torch.Generator().manual_seed(view_seed(self.seed, self.epoch)))
         rank, world = distributed_rank()
         if world > 1:
             # Every rank draws the same permutation and takes its own slice (padded like DistributedSampler).
-            order = torch.cat([order, order[: len(self) * world - self.items]])[rank::world]
-        return iter((order + self.view() * self.items).tolist())
+            order = torch.cat([order, order[: len(self) * world - len(order)]])[rank::world]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
         return -(-self.items // distributed_rank()[1])
+
+
+class ViewPoolSampler(ViewPerEpochSampler):
+    """Indices into V stacked views of N items: epoch e takes max(1, N // batch_size) batches (all V * N indices
+    when fewer) from a fresh shuffle of the whole pool of V * N views.
+
+    This is CLAP's loop over its cached features (jusiro/CLAP trainers/adapters.py TrainerXCostume.run_epoch:
+    len(train_loader_x) consecutive slices of a permutation of the 20 N features), so an epoch is as long as the
+    image loader's epoch over the N images (Dassl drops the last partial batch when N >= batch_size).
+    """
+
+    def __init__(self, items: int, views: int, seed: int, batch_size: int):
+        super().__init__(items, views, seed)
+        self.drawn = min(items * views, max(1, items // batch_size) * batch_size)
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(self.items * self.views, generator=generator)[: self.drawn]
+
+    def __len__(self) -> int:
+        return -(-self.drawn // distributed_rank()[1])
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -235,7 +258,10 @@ class FewShotDataModule(L.LightningDataModule):
         dataset = TensorDataset(
             stacked.features.flatten(0, 1), stacked.labels.repeat(views.n), stacked.index.repeat(views.n)
         )
-        sampler = ViewPerEpochSampler(items, views.n, self.seed)
+        if self.contract.view_sampling == "pool":
+            sampler = ViewPoolSampler(items, views.n, self.seed, self.contract.batch_size)
+        else:
+            sampler = ViewPerEpochSampler(items, views.n, self.seed)
         sampler.set_epoch(self._starting_epoch())
         return DataLoader(dataset, batch_size=self.contract.batch_size, sampler=sampler)
 

@@ -71,7 +71,19 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = TEX
 @torch.no_grad()
 def text_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """[n_classes, dim] unit vectors: per class, the mean of its normalised template features, renormalised."""
-    prompts = [fill(template, name) for name in classnames for template in templates]
-    features = F.normalize(encode_texts(backbone, prompts), dim=-1)
-    features = features.view(len(classnames), len(templates), -1).mean(dim=1)
+    features = F.normalize(prompt_features(backbone, classnames, templates), dim=-1).mean(dim=1)
     return F.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def prompt_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """[n_classes, n_templates, dim]: the raw (not normalised) text feature of every class's every prompt."""
+    prompts = [fill(template, name) for name in classnames for template in templates]
+    return encode_texts(backbone, prompts).view(len(classnames), len(templates), -1)
+
+
+@torch.no_grad()
+def mean_text_embeddings(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """[n_classes, dim]: per class, the mean of its prompts' raw text features, never normalised (the base
+    of TaskRes and CLAP: `_get_base_text_features` in geekyutao/TaskRes and jusiro/CLAP)."""
+    return prompt_features(backbone, classnames, templates).mean(dim=1)

@@ -30,11 +30,19 @@ def if_shots_at_least(shots: int, threshold: int, then: Any, otherwise: Any) -> 
     return then if shots < 0 or shots >= threshold else otherwise
 
 
+def iterations_per_shot(per_shot: int, shots: int) -> int:
+    """A step budget that grows with the shot count (CLIP-LoRA: 500 x shots optimiser steps, whatever the number of
+    classes); -1 (no step limit, so trainer.max_epochs must be set) when there is no shot count (shots -1: all)."""
+    return per_shot * shots if shots >= 1 else -1
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("coop_epochs"):
         OmegaConf.register_new_resolver("coop_epochs", coop_epochs)
     if not OmegaConf.has_resolver("if_shots_at_least"):
         OmegaConf.register_new_resolver("if_shots_at_least", if_shots_at_least)
+    if not OmegaConf.has_resolver("iterations_per_shot"):
+        OmegaConf.register_new_resolver("iterations_per_shot", iterations_per_shot)
     if not OmegaConf.has_resolver(paths.RESOLVER):
         OmegaConf.register_new_resolver(paths.RESOLVER, paths.default_path)
 
@@ -152,6 +160,9 @@ def check_run_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and (not _matches(epochs, int) or epochs < 1):
         raise PromptbenchError(f"trainer.max_epochs={epochs!r}: expected an integer >= 1")
+    steps = cfg.trainer.get("max_steps")
+    if steps is not None and (not _matches(steps, int) or (steps < 1 and steps != -1)):
+        raise PromptbenchError(f"trainer.max_steps={steps!r}: expected an integer >= 1, or -1 for no step limit")
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -173,5 +184,7 @@ def check_method_needs(cfg: DictConfig) -> None:
     if cfg.eval_only and method.uses_train_data and not cfg.ckpt_path:
         raise PromptbenchError(f"eval_only=true evaluates learned parameters, but ckpt_path is not set: pass "
                                f"ckpt_path=<run dir>/learned.safetensors of a finished '{name}' run")
-    if method.trains and not cfg.eval_only and cfg.trainer.get("max_epochs") is None:
-        raise PromptbenchError(f"method '{name}' trains: set trainer.max_epochs=<N> (its config gives none)")
+    steps = cfg.trainer.get("max_steps")
+    if method.trains and not cfg.eval_only and cfg.trainer.get("max_epochs") is None and steps in (None, -1):
+        raise PromptbenchError(f"method '{name}' trains: set trainer.max_epochs=<N> or trainer.max_steps=<N> (its "
+                               f"config gives no bound{' at shots=-1' if cfg.shots == -1 else ''})")

@@ -8,6 +8,7 @@ user's run (they repeat in every job, some once per epoch) are silenced here, an
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -54,6 +55,18 @@ def trainer_output(verbose: bool) -> dict[str, Any]:
     return {"enable_progress_bar": bool(verbose), "enable_model_summary": bool(verbose)}
 
 
+def planned_epochs(trainer: L.Trainer) -> int:
+    """The epochs a run trains: trainer.max_epochs, or fewer when trainer.max_steps ends it first (a step budget,
+    e.g. CLIP-LoRA's, leaves max_epochs at -1); the last of them may be partial. 0 when unknown."""
+    bounds = [trainer.max_epochs] if trainer.max_epochs and trainer.max_epochs > 0 else []
+    steps = getattr(trainer, "max_steps", -1)
+    if steps > 0:
+        batches = trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            bounds.append(math.ceil(steps * trainer.accumulate_grad_batches / batches))
+    return min(bounds, default=0)
+
+
 class EpochProgress(L.Callback):
     """One progress line per run: `<what>: epoch 7/50  loss 0.412  acc 88.1  12.3 s`."""
 
@@ -70,7 +83,7 @@ class EpochProgress(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        epoch, total = trainer.current_epoch + 1, trainer.max_epochs or 0
+        epoch, total = trainer.current_epoch + 1, planned_epochs(trainer)
         step = max(-(-total // 10), 1)  # a line per tenth of the epochs, rounded up
         if not self.interactive and epoch % step and epoch != total:
             return
@@ -91,6 +104,6 @@ class EpochProgress(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run stopped early (time budget, signal) ends its in-place line.
-        if self.interactive and self.printed_epoch not in (-1, trainer.max_epochs):
+        if self.interactive and self.printed_epoch not in (-1, planned_epochs(trainer)):
             self.stream.write("\n")
             self.stream.flush()

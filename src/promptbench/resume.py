@@ -68,12 +68,29 @@ class ResumableTraining(L.Callback):
             previous(signum, frame)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hide_step_bound_while_resuming(trainer)
         self._started = time.monotonic()
         for signum in STOP_SIGNALS:
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
             except ValueError:  # not the main thread: leave signals to whoever owns them
                 break
+
+    # ---- resuming a run bounded by trainer.max_steps --------------------------------------------------
+    # Lightning restores a step-bounded run ("iteration-based") as if its checkpoint had been taken mid-epoch: from an
+    # epoch's end it replays one batch of the next epoch as part of the finished one and renumbers the epochs after it.
+    # Every checkpoint here is taken at an epoch's end, so the step bound is hidden while the loops restore (after the
+    # optimisers are configured, on_fit_start) and given back before the first batch (on_train_start).
+    _hidden_max_steps: int | None = None
+
+    def _hide_step_bound_while_resuming(self, trainer: L.Trainer) -> None:
+        if trainer.ckpt_path is not None and trainer.max_steps != -1:
+            self._hidden_max_steps = trainer.fit_loop.epoch_loop.max_steps
+            trainer.fit_loop.epoch_loop.max_steps = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._hidden_max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps, self._hidden_max_steps = self._hidden_max_steps, None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum, handler in self._previous_handlers.items():

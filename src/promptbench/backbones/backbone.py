@@ -13,7 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
-from promptbench.backbones import weights
+from promptbench.backbones import lora, weights
 from promptbench.errors import PromptbenchError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,12 @@ class Backbone(nn.Module):
             )
 
     def train(self, mode: bool = True) -> "Backbone":
-        # The towers are frozen: BatchNorm statistics and dropout must never switch to training behaviour.
-        return super().train(False)
+        # The towers are frozen: BatchNorm statistics and dropout must never switch to training behaviour. Low-rank
+        # adapters are learned: their dropout follows the mode.
+        super().train(False)
+        for adapter in self.lora_layers():
+            adapter.train(mode)
+        return self
 
     @cached_property
     def image_size(self) -> int:
@@ -163,6 +167,36 @@ class Backbone(nn.Module):
                 f"prompt tokens into the feature. Use an OpenAI/LAION-style CLIP ViT."
             )
         return visual
+
+    def add_lora(self, encoders: str, position: str, projections: Sequence[str], rank: int, alpha: float,
+                 dropout: float, method: str | None = None) -> dict[str, list[int]]:
+        """Low-rank adapters (lora.py) in the attention of the `position` blocks of the text tower, the image tower or
+        both (`encoders`: text, vision or both); returns the adapted block indices of each tower. The backbone
+        changes in place: build one for each method that adapts it. A convolutional image tower is refused."""
+        if encoders not in lora.ENCODERS:
+            raise PromptbenchError(f"LoRA encoders='{encoders}': use one of {list(lora.ENCODERS)}")
+        lora.check_options(projections, rank, alpha, dropout)
+        towers = {"text": self.model.transformer} if encoders in ("text", "both") else {}
+        if encoders in ("vision", "both"):
+            visual = self.model.visual
+            if not isinstance(visual, open_clip.transformer.VisionTransformer):
+                who = f"method '{method}' with" if method else "LoRA with"
+                kind = " (convolutional)" if isinstance(visual, open_clip.modified_resnet.ModifiedResNet) else ""
+                raise PromptbenchError(
+                    f"{who} encoders={encoders} adapts the attention of a ViT image tower, but backbone '{self.name}' "
+                    f"({self.model_name}) has a {type(visual).__name__}{kind}, which has no open_clip transformer "
+                    f"blocks. Use encoders=text (adapters in the text tower only), or a ViT backbone "
+                    f"(backbone=vit_b16, vit_b32, or mini_vit offline)."
+                )
+            towers["vision"] = visual.transformer
+        # Every tower is checked before any changes, so a refusal leaves the backbone as it was.
+        blocks = {tower: lora.adaptable_blocks(transformer, tower, position) for tower, transformer in towers.items()}
+        for tower, transformer in towers.items():
+            lora.adapt_blocks(transformer, blocks[tower], projections, rank, alpha, dropout)
+        return blocks
+
+    def lora_layers(self) -> list[lora.LoRALinear]:
+        return [module for module in self.modules() if isinstance(module, lora.LoRALinear)]
 
     @property
     def vision_width(self) -> int:
@@ -254,7 +288,9 @@ class Backbone(nn.Module):
             "fingerprint": self.fingerprint,
             "image_size": self.image_size,
             "embed_dim": self.embed_dim,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            # the pretrained model's, without any low-rank adapters a method added
+            "parameters": sum(p.numel() for name, p in self.model.named_parameters()
+                              if name.rsplit(".", 1)[-1] not in lora.LORA_TENSORS),
             "speed": dict(self.speed),
         }
 

@@ -173,7 +173,7 @@ class Method(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
+        for key in [k for k in state if not self.is_learned(k)]:
             del state[key]
         checkpoint["promptbench"] = self.learned_metadata()
 
@@ -190,8 +190,13 @@ class Method(L.LightningModule):
         """Hook: give learned tensors whose size comes from the training data (e.g. a cache of train features)
         the saved shapes before `load_learned` checks them. Default: every learned tensor has a fixed size."""
 
+    def is_learned(self, key: str) -> bool:
+        """Whether the state_dict entry `key` is learned: saved, checkpointed and loaded. Default: everything outside
+        the frozen backbone; a method that learns tensors inside the backbone (CLIP-LoRA's adapters) adds them."""
+        return not key.startswith(BACKBONE_PREFIX)
+
     def learned_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if self.is_learned(k)}
 
     def save_learned(self, path: str | Path) -> None:
         """A small portable file with the learned tensors (safetensors) and a JSON sidecar of metadata."""
@@ -220,7 +225,7 @@ class Method(L.LightningModule):
                 f"{mismatched[:3]}); use the method options and backbone it was trained with"
             )
         missing, unexpected = self.load_state_dict(state, strict=False)
-        learned_missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX)]
+        learned_missing = [k for k in missing if self.is_learned(k)]
         if learned_missing or unexpected:
             raise PromptbenchError(
                 f"{path} does not match method '{self.name}': missing {learned_missing[:5]}, unexpected {unexpected[:5]}"

@@ -8,7 +8,8 @@ The one schedule is the reference's (Dassl's constant warm-up around a cosine): 
 run at the constant `warmup_lr`, step t after them at cosine step t - warmup of a cosine over all the
 run's steps. `interval: epoch` steps it once per epoch (CoOp, CoCoOp, CLIP-Adapter: total = max_epochs),
 `interval: step` once per batch (Tip-Adapter-F: total = all training batches; with no warm-up this is
-torch's CosineAnnealingLR(T_max=total)).
+torch's CosineAnnealingLR(T_max=total)). `min_lr` is the cosine's floor (CosineAnnealingLR's eta_min): 0 unless an
+optim config sets it (CLIP-LoRA's 1e-6).
 """
 
 from __future__ import annotations
@@ -24,24 +25,27 @@ from promptbench.errors import PromptbenchError
 INTERVALS = ("epoch", "step")
 
 
-def warmup_cosine_factor(step: int, total: int, warmup: int, warmup_factor: float) -> float:
-    """Learning-rate multiplier of the reference schedule at scheduler step `step` of `total`."""
+def warmup_cosine_factor(step: int, total: int, warmup: int, warmup_factor: float, min_factor: float = 0.0) -> float:
+    """Learning-rate multiplier of the reference schedule at scheduler step `step` of `total`; the cosine decays
+    from 1 to `min_factor`."""
     if step < warmup:
         return warmup_factor
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
+    return min_factor + (1.0 - min_factor) * cosine
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int = 0,
-                       warmup_factor: float = 1.0) -> LambdaLR:
+                       warmup_factor: float = 1.0, min_factor: float = 0.0) -> LambdaLR:
     total = max(int(total), 1)
-    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total, warmup, warmup_factor))
+    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total, warmup, warmup_factor, min_factor))
 
 
 class Optimization:
     """An optimiser partial plus the reference schedule; `configure` is what `configure_optimizers` returns."""
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], *, interval: Literal["epoch", "step"],
-                 warmup: int, warmup_lr: float | None, name: str | None = None):
+                 warmup: int, warmup_lr: float | None, name: str | None = None, min_lr: float = 0.0):
+        # min_lr has a default because the optim configs from before it (and their overrides) do not name it.
         if interval not in INTERVALS:
             raise PromptbenchError(f"optim.interval must be one of {INTERVALS}, got {interval!r}")
         if int(warmup) < 0:
@@ -56,6 +60,9 @@ class Optimization:
         self.warmup = int(warmup)
         self.lr = float(lr)
         self.warmup_factor = float(warmup_lr) / self.lr if self.warmup else 1.0
+        if not 0 <= float(min_lr) <= self.lr:
+            raise PromptbenchError(f"optim.min_lr must be in [0, optim.optimizer.lr={self.lr}], got {min_lr}")
+        self.min_factor = float(min_lr) / self.lr
         self.name = name
 
     def configure(self, parameters: Iterable[torch.nn.Parameter], epochs: int | None,
@@ -68,5 +75,6 @@ class Optimization:
         else:
             total = int(total_steps())
         optimizer = self.optimizer(list(parameters))
-        scheduler = cosine_with_warmup(optimizer, total=total, warmup=self.warmup, warmup_factor=self.warmup_factor)
+        scheduler = cosine_with_warmup(optimizer, total=total, warmup=self.warmup, warmup_factor=self.warmup_factor,
+                                       min_factor=self.min_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.interval}}

@@ -8,8 +8,8 @@ The one schedule is the reference's (Dassl's constant warm-up around a cosine): 
 run at the constant `warmup_lr`, step t after them at cosine step t - warmup of a cosine over all the
 run's steps. `interval: epoch` steps it once per epoch (CoOp, CoCoOp, CLIP-Adapter: total = max_epochs),
 `interval: step` once per batch (Tip-Adapter-F: total = all training batches; with no warm-up this is
-torch's CosineAnnealingLR(T_max=total)). `min_lr` is the cosine's floor (CosineAnnealingLR's eta_min): 0 unless an
-optim config sets it (CLIP-LoRA's 1e-6).
+torch's CosineAnnealingLR(T_max=total)). `min_lr` is the cosine's floor (CosineAnnealingLR's eta_min): 0 but for
+CLIP-LoRA's 1e-6.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ class Optimization:
     """An optimiser partial plus the reference schedule; `configure` is what `configure_optimizers` returns."""
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], *, interval: Literal["epoch", "step"],
-                 warmup: int, warmup_lr: float | None, name: str | None = None, min_lr: float = 0.0):
-        # min_lr has a default because the optim configs from before it (and their overrides) do not name it.
+                 warmup: int, warmup_lr: float | None, min_lr: float, name: str | None = None):
         if interval not in INTERVALS:
             raise PromptbenchError(f"optim.interval must be one of {INTERVALS}, got {interval!r}")
         if int(warmup) < 0:

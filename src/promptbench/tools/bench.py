@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "tip_adapter"], [1], [1], device, Path(workdir))
             else:
                 rows += bench_sweep(args.run_py, args.backbone, ["zeroshot", "linear_probe", "tip_adapter",
-                                                                 "tip_adapter_f", "clip_adapter"],
+                                                                 "tip_adapter_f", "clip_adapter", "lp_plus_plus",
+                                                                 "zs_linear_probe", "clap", "taskres"],
                                     args.sweep_shots, args.sweep_seeds, device, Path(workdir))
     if "text_flops" in sections:
         rows += bench_text_flops(args.conf, device, ["promptbench-tiny"] if args.smoke else args.text_models,

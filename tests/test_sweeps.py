@@ -187,10 +187,15 @@ def test_epoch_samplers_shard_by_rank_under_ddp(monkeypatch):
     assert len(together) - len(set(together)) == 2, "padding repeats as few items as DistributedSampler does"
 
 
-# prograd all-reduces its second gradient itself; promptsrc aggregates its prompts over epochs on every rank
-@pytest.mark.parametrize("method", ["coop", "prograd", "promptsrc"])
+# prograd all-reduces its second gradient itself; promptsrc aggregates its prompts over epochs on every rank;
+# clip_lora trains adapters inside the backbone, for a step budget
+DDP_OPTIONS = {"clip_lora": ["method.batch_size=4", "trainer.max_steps=4"]}
+
+
+@pytest.mark.parametrize("method", ["coop", "prograd", "promptsrc", "clip_lora"])
 def test_ddp_on_cpu_processes_trains_and_writes_results_once(method, toy_root, run_env, tmp_path):
-    args = [f"method={method}", *COOP[1:], f"dataset.root={toy_root}", "trainer.max_epochs=2", "trainer=ddp",
+    options = DDP_OPTIONS.get(method, [*COOP[7:], "trainer.max_epochs=2"])
+    args = [f"method={method}", *COOP[1:7], *options, f"dataset.root={toy_root}", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2"]
     result = run_py(args, run_env)
     assert result.returncode == 0, result.stderr[-3000:]

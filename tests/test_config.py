@@ -98,4 +98,7 @@ def test_every_experiment_method_file_names_a_real_pair_and_applies(path: Path):
         settings += leaves(OmegaConf.to_container(OmegaConf.load(path.with_name(f"{parent}.yaml"))))
     assert settings
     for key, value in settings:
+        if isinstance(value, str) and "${" in value:  # an interpolation: its value in the composed run's context
+            probe = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False) | {"interpolated_setting": value})
+            value = probe.interpolated_setting
         assert OmegaConf.select(cfg, key) == value, f"{path.name}: {key} not applied"

@@ -15,6 +15,7 @@ logit_scale is the backbone's exp(logit_scale): the reference's fixed 100 is tha
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,8 @@ class CLIPLoRA(Method):
         batch_size: int,
         **config: Any,
     ):
+        # The adapters go into a copy: the caller's backbone (a notebook's, a test session's) stays the frozen model.
+        backbone = copy.deepcopy(backbone)
         super().__init__(backbone, classnames, resolve_templates(template_set, templates), **config)
         self.template_set = template_set
         self.batch_size = int(batch_size)

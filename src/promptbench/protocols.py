@@ -45,9 +45,14 @@ class Task:
     # The images the method may select on under the run's policy (`select_with`); None: no selection data.
     selection: LabeledSet | None = None
 
+    def splits(self) -> dict[str, LabeledSet]:
+        """The dataset's sets the run uses, each once."""
+        return {"train": self.train, "val": self.val, **self.evals}
+
     def sets(self) -> dict[str, LabeledSet]:
+        """The splits plus the selection set, another name for one of them or for the full val split."""
         selection = {} if self.selection is None else {SELECTION_SET: self.selection}
-        return {"train": self.train, "val": self.val, **selection, **self.evals}
+        return {**self.splits(), **selection}
 
     def selection_images_evaluated(self) -> int:
         """How many selection images are also in an eval set (ImageNet's val is its test set)."""

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from promptbench import paths
 from promptbench.errors import PromptbenchError
+from promptbench.robustness import PGD
 from promptbench.selection import check_policy
 
 
@@ -145,6 +146,7 @@ def check_run_config(cfg: DictConfig) -> None:
     _integer(cfg, "eval_batch_size", 1, "images per evaluation batch")
     _integer(cfg, "num_workers", 0, "image-loading worker processes; 0: load in the main process")
     check_policy(cfg.get("selection"))
+    PGD.from_config(cfg.get("eval"), cfg.seed)
     if str(cfg.precision) not in PRECISIONS:
         raise PromptbenchError(f"precision={cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     for key in ("eval_only", "overwrite", "save_predictions", "feature_cache", "verbose"):

@@ -177,4 +177,5 @@ def robust_top1(attack: PGD, method: Any, loader: DataLoader, clean: Mapping[str
     if count != len(clean_correct):
         raise PromptbenchError(f"the attacked evaluation read {count} images, the clean one {len(clean_correct)}: the "
                                f"image files changed during the run; rerun it")
-    return 100.0 * robust / count
+    # float32, as torchmetrics' micro accuracy computes top1: equal counts give equal numbers
+    return (torch.tensor(robust, dtype=torch.float32) / count).item() * 100

@@ -17,7 +17,7 @@ from promptbench.data.transforms import pixel_transform
 from promptbench.errors import PromptbenchError
 from promptbench.robustness import PGD, logits_of_pixels, robust_top1
 from promptbench.runner import result_relevant
-from conftest import REPO, build_method, composed, find_results, run_py
+from conftest import build_method, composed, find_results, run_py
 
 CLASSES = ["blue", "green", "red"]
 TEMPLATES = ["a photo of a {}."]

@@ -125,7 +125,7 @@ class CALIP(Method):
         self.attention_scale = float(attention_scale)
         self.logit_scale = None if logit_scale is None else float(logit_scale)
         # Saved (learned.safetensors), so an eval-only run with ckpt_path uses the selected weights.
-        self.register_buffer("betas", torch.tensor([float(beta1), float(beta2), float(beta3)]))
+        self.register_buffer("betas", torch.tensor([float(beta1), float(beta2), float(beta3)], dtype=torch.float64))
         self._classifier: torch.Tensor | None = None
         self.notes: dict[str, Any] = {}
 

@@ -64,6 +64,12 @@ class FakeProvider:
     def views(self, split: str, views: Views) -> FeatureViews:
         return FeatureViews.stack([self.features(split) for _ in range(views.n)])
 
+    def images(self, split: str):
+        self.asked.append(split)
+        labels = torch.arange(len(CLASSES)).repeat_interleave(self.per_class)
+        generator = torch.Generator().manual_seed(len(self.asked))
+        yield torch.randn(len(labels), 3, 64, 64, generator=generator), labels, torch.arange(len(labels))
+
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_builds_from_its_config_and_prepares_on_a_fake_provider(name, tiny_backbone):

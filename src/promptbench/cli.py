@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="aggregate results.json files into a table (mean +- std over seeds)")
     report.add_argument("dirs", nargs="+", help="directories searched recursively for results.json")
-    report.add_argument("--metric", default="top1", help="metric to tabulate (top1, mean_per_class, top5, ece)")
+    report.add_argument("--metric", default="top1", help="metric to tabulate (top1, mean_per_class, top5, ece, robust_top1)")
     report.add_argument("--ci95", action="store_true", help="add the 95%% confidence interval over seeds")
     report.add_argument("--compare", metavar="CSV", help="published numbers to compare with (experiments/published.csv)")
     report.add_argument("--out", help="where report.md, report.csv and the plots go (default: the first dir)")

@@ -145,6 +145,9 @@ def check_run_config(cfg: DictConfig) -> None:
     _integer(cfg, "eval_batch_size", 1, "images per evaluation batch")
     _integer(cfg, "num_workers", 0, "image-loading worker processes; 0: load in the main process")
     check_policy(cfg.get("selection"))
+    from promptbench.robustness import PGD  # here, not at the top: `run.py --help` must not import torch
+
+    PGD.from_config(cfg.get("eval"), cfg.seed)
     if str(cfg.precision) not in PRECISIONS:
         raise PromptbenchError(f"precision={cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     for key in ("eval_only", "overwrite", "save_predictions", "feature_cache", "verbose"):

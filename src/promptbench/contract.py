@@ -9,11 +9,16 @@ supplies exactly what it names. Both sides import this module and never each oth
 - `train_views`: for a "features" method that trains, the augmented views of the train set it trains on
   (`Views`, below): epoch e reads view e mod n, so training never runs the image tower.
 - `reads`: the sets the method reads itself through the `FeatureProvider` in `prepare` (e.g. "train" for
-  a cache, "val" for a hyper-parameter search); the provider refuses any other set.
+  a cache, "val" for a hyper-parameter search): their features, augmented views, or test-transform images for a
+  method that runs the towers itself (CALIP's spatial features); the provider refuses any other set.
 - `batch_size`: the training batch size of the method's recipe.
 - `view_sampling`: how a training epoch reads the `train_views`: "view_per_epoch" (every item once, shuffled,
   in view e mod n) or "pool" (CLAP's cached-feature loop: max(1, N // batch_size) batches from a fresh
   shuffle of all n * N views, so an epoch is as long as one pass over the N images would be).
+
+An adversarial evaluation (robustness.py, `eval.attack`) is the one reader of eval sets outside the contract: it
+reads every eval set as [0, 1] pixels, whatever `inputs` says, and attacks the method through the frozen image tower
+(a "features" method) or through the method itself (an "images" method).
 
 `Views` is the one option for augmented views in every method config: `views: {n: N, scale: [low, high]}`,
 N views of RandomResizedCrop(scale) + horizontal flip at the backbone's resolution, each encoded once and
@@ -24,7 +29,7 @@ the new ones).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
 
@@ -137,3 +142,7 @@ class FeatureProvider(Protocol):
 
     def views(self, split: str, views: Views) -> FeatureViews:
         """Features of `views.n` augmented views of a set."""
+
+    def images(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches (images, labels, item indices) of a set's test-transform images on the run's device, with the
+        backbone moved there, for a method that encodes them itself; unreadable images skipped as in evaluation."""

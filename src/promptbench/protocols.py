@@ -24,7 +24,7 @@ from promptbench.errors import PromptbenchError
 from promptbench.selection import SELECTION_SET, check_policy
 
 # Metrics of which a harmonic mean is meaningful (not ECE, not counts).
-ACCURACY_METRICS = ("top1", "mean_per_class", "top5")
+ACCURACY_METRICS = ("top1", "mean_per_class", "top5", "robust_top1")
 IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 

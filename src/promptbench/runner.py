@@ -31,6 +31,7 @@ from promptbench.methods.base import Method
 from promptbench.metrics import classification_metrics
 from promptbench.protocols import Task
 from promptbench.resume import ResumableTraining
+from promptbench.robustness import PGD, robust_top1
 from promptbench.selection import CLEAN_POLICIES
 from promptbench.results import (
     RESULTS_FILE,
@@ -74,7 +75,8 @@ def predict(trainer: L.Trainer, method: Method, loader) -> dict[str, torch.Tenso
 
 
 def summary_table(metrics: dict[str, dict[str, float]]) -> str:
-    columns = ("top1", "mean_per_class", "top5", "ece", "n")
+    attacked = any("robust_top1" in values for values in metrics.values())
+    columns = ("top1", *(("robust_top1",) if attacked else ()), "mean_per_class", "top5", "ece", "n")
     lines = [f"{'eval set':<20}" + "".join(f"{c:>16}" for c in columns)]
     for name, values in metrics.items():
         cells = []
@@ -97,8 +99,9 @@ def sweep_table(payloads: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, task: Task,
-             timer: PhaseTimer) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, task: Task, timer: PhaseTimer,
+             attack: PGD | None = None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Every eval set: clean predictions and metrics; with an `attack`, also its robust top-1 (robustness.py)."""
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, dict[str, Any]] = {}
     for name, eval_set in task.evals.items():
@@ -108,6 +111,12 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, 
         # A protocol may score a set over part of its classes (ImageNet-A/R inside ImageNet's 1000).
         metrics[name] = classification_metrics(*task.scored_outputs(name, outputs["logits"], outputs["labels"]))
         metrics[name]["skipped_images"] = len(eval_set) - len(outputs["index"])
+        if attack is not None:
+            with timer(f"attack/{name}"):
+                metrics[name]["robust_top1"] = robust_top1(
+                    attack, method, datamodule.pixel_dataloader(name), outputs,
+                    lambda logits, labels, name=name: task.scored_outputs(name, logits, labels),
+                    device=trainer.strategy.root_device, forward_context=trainer.precision_plugin.forward_context)
         predictions[name] = {
             "logits": outputs["logits"],
             "labels": outputs["labels"],
@@ -156,7 +165,11 @@ NON_RESULT_KEYS = ("logger", "output_dir", "paths", "num_workers", "overwrite", 
 
 
 def result_relevant(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if key not in NON_RESULT_KEYS}
+    relevant = {key: value for key, value in config.items() if key not in NON_RESULT_KEYS}
+    # The attack options change nothing while no attack runs (and runs from before they existed have none).
+    if not (relevant.get("eval") or {}).get("attack"):
+        relevant.pop("eval", None)
+    return relevant
 
 
 def completed_run(cfg: DictConfig, run_dir: Path, backbone_fingerprint: str) -> dict[str, Any] | None:
@@ -231,6 +244,7 @@ class Job:
     datamodule: FewShotDataModule | None = None
     resumable: ResumableTraining | None = None
     loggers: list[Any] = field(default_factory=list)
+    attack: PGD | None = None
     resumed: bool = False
     epochs_run: int | None = None
 
@@ -242,7 +256,7 @@ class Job:
 
 def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, started_at: str) -> Job:
     """Stage 1 (after the backbone): task, method, trainer, data module, loggers."""
-    job = Job(cfg, run_dir, timer, started_at, backbone)
+    job = Job(cfg, run_dir, timer, started_at, backbone, attack=PGD.from_config(cfg.get("eval"), cfg.seed))
     with timer("build/data"):
         # Seeded right before the data is built, as the reference does, so few-shot sets match its sets.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -269,6 +283,8 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         callbacks=callbacks,
         # Under SLURM the launcher (submitit) re-queues preempted jobs; Lightning must not re-queue them too.
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [],
+        # An attack differentiates through what the clean evaluation cached (e.g. a classifier): no inference tensors.
+        inference_mode=job.attack is None,
         **trainer_output(verbose),
     )
     job.datamodule = FewShotDataModule(
@@ -338,6 +354,7 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
         "metrics": metrics,
         "method_notes": method.run_notes(),
         "selection": selection_record(method, task),
+        "robustness": job.attack.record() if job.attack is not None else None,
         "splits": {name: len(labeled) for name, labeled in task.splits().items()},
         "data": data_record(job),
         "feature_cache": {"extractions": job.datamodule.feature_store.extractions,
@@ -380,7 +397,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     status = "failed"
     try:
         fit_or_prepare(job)
-        metrics, predictions = evaluate(job.trainer, job.method, job.datamodule, job.task, timer)
+        metrics, predictions = evaluate(job.trainer, job.method, job.datamodule, job.task, timer, job.attack)
         for logger in job.loggers:
             logger.log_metrics({f"{name}/{key}": value for name, values in metrics.items() for key, value in values.items()})
         status = "success"

@@ -149,6 +149,47 @@ class Backbone(nn.Module):
         pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB pixels [B, 3, H, W] -> the tower's input, as the test transform's `Normalize` computes it
+        (same float operations, so equal to the bit): for the attacks that run in pixel space and normalise inside
+        the differentiable function (robustness.py)."""
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def encode_image_spatial(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global [B, D], spatial [B, L, D]): the image feature, the very tensor `encode_image` returns, and one
+        feature per spatial position in the same embedding space (CALIP's parameter-free attention reads both).
+
+        As ZiyuGuo99/CALIP's modified `clip/model.py` computes them: a ResNet tower runs its attention pool with every
+        position of the last feature map as a query, not only the mean token, so each of the H x W outputs went
+        through the pool's value and output projections (row 0, the mean-token query, is the global feature); a ViT
+        tower puts every patch token through `ln_post` and the projection, like its class token. Other towers are
+        refused with a message naming the supported ones.
+        """
+        layout = torch.channels_last if self.speed["channels_last"] else torch.preserve_format
+        images = images.to(self.dtype, memory_format=layout)
+        visual = self.model.visual
+        if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+            x = visual.stem(images)
+            for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+                x = stage(x)
+            tokens = _attention_pool_every_query(visual.attnpool, x)
+            return tokens[0], tokens[1:].transpose(0, 1)
+        if (isinstance(visual, open_clip.transformer.VisionTransformer) and visual.attn_pool is None
+                and visual.pool_type == "tok" and not visual.final_ln_after_pool):
+            pooled, tokens = visual._pool(visual.transformer(visual._embeds(images)))
+            if visual.proj is None:
+                return pooled, tokens
+            return pooled @ visual.proj, tokens @ visual.proj
+        raise PromptbenchError(
+            f"spatial image features need an open_clip ModifiedResNet (RN50, RN101, mini) or a ViT that pools its "
+            f"class token after ln_post (OpenAI/LAION-style: vit_b16, vit_b32, mini_vit); backbone '{self.name}' "
+            f"({self.model_name}) has a {type(visual).__name__}"
+            + (f" pooling with '{visual.pool_type}'" if isinstance(visual, open_clip.transformer.VisionTransformer)
+               else "") + ". Use one of those backbones."
+        )
+
     def prompted_vision_tower(self, method: str | None = None) -> nn.Module:
         """The image tower if it can take deep prompts; otherwise a clear error naming what cannot run."""
         visual = self.model.visual
@@ -293,6 +334,22 @@ class Backbone(nn.Module):
                               if name.rsplit(".", 1)[-1] not in lora.LORA_TENSORS),
             "speed": dict(self.speed),
         }
+
+
+def _attention_pool_every_query(pool: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
+    """open_clip's `AttentionPool2d.forward` ([B, C, H, W] -> [1 + HW, B, D]) without its final `[0]`: the same
+    operations (so row 0 is its output to the bit), every row kept."""
+    x = feature_map.reshape(feature_map.shape[0], feature_map.shape[1], -1).permute(2, 0, 1)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    x, _ = nn.functional.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=pool.training, need_weights=False,
+    )
+    return x
 
 
 def _per_sample(prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from promptbench.backbones import Backbone
 from promptbench.contract import DataContract, FeatureSet, FeatureViews, Views
 from promptbench.data.features import FeatureStore, SeededViewDataset, extract_features, files_digest, view_seed
 from promptbench.data.loading import ImageProblems, collate_skipping_bad, image_loader
-from promptbench.data.transforms import DEFAULT_CROP_SCALE, test_transform, train_transform
+from promptbench.data.transforms import DEFAULT_CROP_SCALE, pixel_transform, test_transform, train_transform
 from promptbench.errors import PromptbenchError
 from promptbench.data.items import LabeledSet
 from promptbench.selection import SELECTION_SET
@@ -234,6 +234,15 @@ class FewShotDataModule(L.LightningDataModule):
             ),
         )
 
+    def images(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Test-transform image batches of a set on the run's device (the backbone moved there, as for extraction)."""
+        self.backbone.to(self.device)
+        loader = image_loader(self.labeled_set(name).items, self.test_transform, batch_size=self.eval_batch_size,
+                              num_workers=self.num_workers, skip_bad_images=self.skip_bad_images)
+        for batch in loader:
+            if batch is not None:
+                yield tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
+
     # ---- loaders -----------------------------------------------------------------------------------
     def _starting_epoch(self) -> int:
         """The epoch the fit loop runs first: after a resume, the one after the checkpoint. Loader workers take
@@ -280,6 +289,13 @@ class FewShotDataModule(L.LightningDataModule):
         return image_loader(self.sets[name].items, self.test_transform, batch_size=self.eval_batch_size,
                             num_workers=self.num_workers, skip_bad_images=self.skip_bad_images)
 
+    def pixel_dataloader(self, name: str) -> DataLoader:
+        """An eval set as [0, 1] pixels (the test transform before its normalisation), for any method: what an
+        adversarial evaluation perturbs (robustness.py). Same order, batches and skipped images as `eval_dataloader`."""
+        return image_loader(self.sets[name].items, pixel_transform(self.backbone.image_size),
+                            batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                            skip_bad_images=self.skip_bad_images)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -303,3 +319,7 @@ class ContractFeatures:
     def views(self, split: str, views: Views) -> FeatureViews:
         self._check(split)
         return self._datamodule.views(split, views)
+
+    def images(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._check(split)
+        return self._datamodule.images(split)

@@ -15,9 +15,19 @@ def _to_tensor_normalized(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToTensor(), T.Normalize(mean, std)]
 
 
-def test_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+def _test_crop(size: int) -> list:
     """Resize the shorter side then centre-crop: a square squash would change zero-shot numbers by points."""
-    return T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size), *_to_tensor_normalized(mean, std)])
+    return [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size)]
+
+
+def test_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    return T.Compose([*_test_crop(size), *_to_tensor_normalized(mean, std)])
+
+
+def pixel_transform(size: int) -> T.Compose:
+    """The test transform without its normalisation: [0, 1] pixels, the space an adversarial attack perturbs
+    (robustness.py normalises inside the attacked function with `Backbone.normalize`)."""
+    return T.Compose([*_test_crop(size), T.ToTensor()])
 
 
 def train_transform(

@@ -16,7 +16,6 @@ logit_scale is the backbone's exp(logit_scale): the reference's fixed 100 is tha
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,9 +81,9 @@ class CLIPLoRA(Method):
         return self.backbone.logit_scale * image @ self.class_features().T.to(image)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised image features; a frozen image tower keeps no graph."""
-        with nullcontext() if self.adapts_image else torch.no_grad():
-            return F.normalize(self.backbone.encode_image(images), dim=-1)
+        """Normalised image features; a frozen image tower keeps a graph only for inputs that ask for gradients (an
+        adversarial evaluation's)."""
+        return F.normalize(self.backbone.encode_image(images), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         """Normalised [n_cls, dim] features of the class prompts: per class the mean of its normalised template

@@ -68,11 +68,11 @@ class CoOp(Method):
 
     def image_features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Normalised frozen image features of a batch of the contract's inputs: images go through the image
-        tower here (no graph is kept for it); cached features are only normalised."""
+        tower here (frozen: it keeps a graph only for inputs that ask for gradients, an adversarial evaluation's);
+        cached features are only normalised."""
         if self.views is not None:
             return F.normalize(inputs.float(), dim=-1)
-        with torch.no_grad():
-            return F.normalize(self.backbone.encode_image(inputs), dim=-1)
+        return F.normalize(self.backbone.encode_image(inputs), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         """Normalised [n_cls, embed_dim] features of the learned prompts."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import build_method, composed, find_results, run_py, write_split_dataset
+from promptbench import cli
 from promptbench.backbones import load_backbone
 from promptbench.config import build
 from promptbench.data.datasets import DTD, FolderDataset, ImageNetA
@@ -271,6 +272,19 @@ def test_upl_options_are_checked(tiny_backbone):
     with pytest.raises(PromptbenchError, match="stay identical.*ctx_init=null"):
         build_method("upl", tiny_backbone, CLASSNAMES, TEMPLATES, ctx_init="a photo of a")
     assert build(composed(("protocol=unsupervised", "shots=4")).protocol).labeller.per_class == 4
+
+
+@pytest.mark.parametrize("csc", [False, True])
+def test_interpret_names_each_prompt_of_the_ensemble(tiny_backbone, tmp_path, capsys, csc):
+    upl = build_method("upl", tiny_backbone, CLASSNAMES, TEMPLATES, prompts=2, n_ctx=3, csc=csc)
+    upl.save_learned(tmp_path / "learned.safetensors")
+    assert cli.main(["interpret", str(tmp_path / "learned.safetensors"), "--top-k", "2"]) == 0
+    rows = [row.split()[:3 + csc] for row in capsys.readouterr().out.strip().splitlines()[2:]]
+    per_prompt = (len(CLASSNAMES) if csc else 1) * 3
+    assert len(rows) == 2 * per_prompt
+    assert rows[0][:3] == ["prompt", "1", "golden_retriever" if csc else "#1"]
+    assert rows[per_prompt + (3 if csc else 2)][:4 if csc else 3] == (["prompt", "2", "cat", "#1"] if csc
+                                                                       else ["prompt", "2", "#3"])
 
 
 def test_upl_runs_end_to_end_and_saves_its_contexts(toy, tmp_path, run_env):

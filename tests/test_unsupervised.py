@@ -19,6 +19,7 @@ from conftest import build_method, composed, find_results, run_py, write_split_d
 from promptbench import cli
 from promptbench.backbones import load_backbone
 from promptbench.config import build
+from promptbench.data import transforms
 from promptbench.data.datasets import DTD, FolderDataset, ImageNetA
 from promptbench.data.features import FeatureStore, FrozenFeatures
 from promptbench.data.images import load_rgb
@@ -26,7 +27,6 @@ from promptbench.data.items import LabeledSet, UnlabeledSet
 from promptbench.errors import PromptbenchError
 from promptbench.methods.prompts import fill
 from promptbench.protocols import Task, Unsupervised
-from promptbench.data import transforms
 from promptbench.pseudo_labels import POOL_SET, ZeroShotTopK, top_k_per_class, zero_shot_probabilities
 from test_coop import TEMPLATES, random_images
 from test_datasets import make_benchmark

@@ -7,6 +7,13 @@
   target dataset, each with its own classes.
 - `domain_generalization`: K shots of ImageNet, evaluated on ImageNet and its variants in ImageNet's
   1000-class space (so methods tied to the 1000 classes work), scored over each variant's own classes.
+- `unsupervised`: no label of the dataset's train split is read: its images are an unlabelled pool, which a
+  `TrainLabeller` (UPL's zero-shot pseudo-labels, pseudo_labels.py) labels once the backbone is built;
+  evaluated on the test split.
+
+A protocol builds its Task from the dataset alone. A task whose train set needs the model to be labelled
+declares a `labeller`; the runner calls `Task.label_train` with the backbone and the run's feature
+extraction (`FrozenFeatures`, through the feature cache) before it builds the data module.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
+from promptbench.backbones import Backbone
 from promptbench.data.datasets import Dataset, ImageNet, ImageNetFamily, imagenet_labels, open_dataset
-from promptbench.data.items import Item, LabeledSet
+from promptbench.data.features import FrozenFeatures
+from promptbench.data.items import Item, LabeledSet, UnlabeledSet
 from promptbench.errors import PromptbenchError
 from promptbench.selection import SELECTION_SET, check_policy
 
@@ -28,10 +37,19 @@ ACCURACY_METRICS = ("top1", "mean_per_class", "top5", "robust_top1")
 IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
+class TrainLabeller:
+    """Labels a task's unlabelled train pool with the run's model (the unsupervised protocol's pseudo-labels)."""
+
+    def label(self, pool: UnlabeledSet, backbone: Backbone, images: FrozenFeatures) -> tuple[LabeledSet, dict[str, Any]]:
+        """The labelled train set made from `pool`, and what results.json records about how (`pseudo_labels`)."""
+        raise NotImplementedError
+
+
 @dataclass
 class Task:
     source: str
-    train: LabeledSet
+    # An UnlabeledSet while a `labeller` has yet to label it (`label_train`): its labels cannot be read.
+    train: LabeledSet | UnlabeledSet
     val: LabeledSet
     evals: dict[str, LabeledSet]
     # eval set -> the labels (logit columns) it is scored over; absent: all of its classes.
@@ -44,6 +62,18 @@ class Task:
     train_class_test: str = "test"
     # The images the method may select on under the run's policy (`select_with`); None: no selection data.
     selection: LabeledSet | None = None
+    # Why the task has no labelled images to select on (then only selection=none is accepted); None: it has.
+    no_selection_data: str | None = None
+    # Labels `train` once the backbone is built (`label_train`); None: `train` is labelled already.
+    labeller: TrainLabeller | None = None
+    # What the labeller did, for results.json (`pseudo_labels`); None until then.
+    labelling: dict[str, Any] | None = None
+
+    def label_train(self, backbone: Backbone, images: FrozenFeatures) -> None:
+        """Run the task's labeller on its unlabelled train pool: its labelled set becomes `train`."""
+        if self.labeller is None or not isinstance(self.train, UnlabeledSet):
+            return
+        self.train, self.labelling = self.labeller.label(self.train, backbone, images)
 
     def splits(self) -> dict[str, LabeledSet]:
         """The dataset's sets the run uses, each once."""
@@ -64,6 +94,9 @@ class Task:
     def select_with(self, policy: str) -> None:
         """Supply the selection set of a policy (selection.py) under the name SELECTION_SET."""
         policy = check_policy(policy)
+        if policy != "none" and self.no_selection_data:
+            raise PromptbenchError(f"selection={policy}: {self.no_selection_data}, so there is nothing to select on. "
+                                   f"Use selection=none (every method keeps its fixed published defaults)")
         if policy == "none":
             self.selection = None
         elif policy == "fewshot_val":
@@ -125,12 +158,15 @@ class Protocol:
         """Called right after the run seed is set, like the reference, so sampling matches it."""
         raise NotImplementedError
 
-    def fewshot(self, dataset: Dataset, shots: int) -> tuple[LabeledSet, LabeledSet]:
+    def refuse_test_only(self, dataset: Dataset) -> None:
         if dataset.test_only:
             raise PromptbenchError(
                 f"dataset '{dataset.display_name}' is test-only: train on another dataset and evaluate on it with "
                 f"protocol=cross_dataset 'protocol.targets=[{dataset.name}]' (or protocol=domain_generalization)"
             )
+
+    def fewshot(self, dataset: Dataset, shots: int) -> tuple[LabeledSet, LabeledSet]:
+        self.refuse_test_only(dataset)
         train, val = dataset.fewshot_splits(shots, self.seed)
         return (
             LabeledSet(train, dataset["train"].classnames, dataset["train"].templates),
@@ -237,3 +273,32 @@ class DomainGeneralization(CrossDataset):
         covered = sorted(set(to_imagenet))
         if len(covered) < len(classnames):
             task.scored_labels[target.name] = covered
+
+
+class Unsupervised(Protocol):
+    """No label of the dataset's train split is read: its images are an unlabelled pool that the `labeller`
+    labels with the run's model (UPL: zero-shot CLIP's top-K most confident images per class), then any
+    method trains on that set as on K shots; evaluated on the test split. There is no labelled val split,
+    so nothing can be selected (only selection=none)."""
+
+    name = "unsupervised"
+
+    def __init__(self, labeller: TrainLabeller | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(labeller, TrainLabeller):
+            raise PromptbenchError(f"protocol {self.name}: protocol.labeller must build a train labeller (e.g. "
+                                   f"_target_: promptbench.pseudo_labels.ZeroShotTopK), got {labeller!r}")
+        self.labeller = labeller
+
+    def build(self, dataset: Dataset, shots: int) -> Task:
+        self.refuse_test_only(dataset)
+        train, test = dataset["train"], dataset["test"]
+        return Task(
+            source=dataset.display_name,
+            train=UnlabeledSet.withholding_labels(train),
+            val=LabeledSet([], train.classnames, train.templates),
+            evals={"test": test},
+            no_selection_data=(f"protocol {self.name} reads no label of {dataset.display_name}'s train split and has "
+                               f"no labelled val split"),
+            labeller=self.labeller,
+        )

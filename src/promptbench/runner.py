@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from promptbench.config import build, check_run_config, method_from_config
 from promptbench.console import EpochProgress, quiet_libraries, trainer_output
 from promptbench.data.datamodule import FEWSHOT_SETS, FewShotDataModule
-from promptbench.data.features import FeatureStore
+from promptbench.data.features import FeatureStore, FrozenFeatures
 from promptbench.data.items import class_counts
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path
@@ -287,12 +287,18 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         inference_mode=job.attack is None,
         **trainer_output(verbose),
     )
+    device, skip_bad_images = job.trainer.strategy.root_device, cfg.dataset.get("skip_bad_images", False)
+    feature_store = FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache)
+    if job.task.labeller is not None:
+        # A protocol that labels its train set with the model (unsupervised: pseudo-labels) does it here.
+        with timer("build/train_labels"):
+            job.task.label_train(backbone, FrozenFeatures(
+                feature_store, job.task.source, device, precision=precision, batch_size=cfg.eval_batch_size,
+                num_workers=cfg.num_workers, skip_bad_images=skip_bad_images))
     job.datamodule = FewShotDataModule(
-        job.task.sets(), job.task.source, backbone, job.method.contract(),
-        device=job.trainer.strategy.root_device,
-        feature_store=FeatureStore(cfg.paths.feature_cache_dir, enabled=cfg.feature_cache), precision=precision,
-        eval_batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        skip_bad_images=cfg.dataset.get("skip_bad_images", False), seed=cfg.seed,
+        job.task.sets(), job.task.source, backbone, job.method.contract(), device=device,
+        feature_store=feature_store, precision=precision, eval_batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers, skip_bad_images=skip_bad_images, seed=cfg.seed,
         train_crop_scale=cfg.train_crop_scale,
     )
     return job
@@ -355,6 +361,7 @@ def write(job: Job, metrics: dict[str, dict[str, float]], predictions: dict[str,
         "method_notes": method.run_notes(),
         "selection": selection_record(method, task),
         "robustness": job.attack.record() if job.attack is not None else None,
+        **({"pseudo_labels": task.labelling} if task.labelling is not None else {}),
         "splits": {name: len(labeled) for name, labeled in task.splits().items()},
         "data": data_record(job),
         "feature_cache": {"extractions": job.datamodule.feature_store.extractions,

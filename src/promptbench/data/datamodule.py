@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from promptbench.backbones import Backbone
 from promptbench.contract import DataContract, FeatureSet, FeatureViews, Views
-from promptbench.data.features import FeatureStore, SeededViewDataset, extract_features, files_digest, view_seed
+from promptbench.data.features import FeatureStore, SeededViewDataset, cached_features, view_seed
 from promptbench.data.loading import ImageProblems, collate_skipping_bad, image_loader
 from promptbench.data.transforms import DEFAULT_CROP_SCALE, pixel_transform, test_transform, train_transform
 from promptbench.errors import PromptbenchError
@@ -211,27 +211,11 @@ class FewShotDataModule(L.LightningDataModule):
         return FeatureViews.stack([self._cached_view(name, augmentation, view) for view in range(views.n)])
 
     def _cached_view(self, name: str, transform: Callable, view: int | None) -> FeatureSet:
-        items = self.labeled_set(name).items
-        augment_seed = None if view is None else view_seed(self.seed, view)
-        key = {
-            "backbone": self.backbone.fingerprint,
-            "precision": self.precision,
-            "transform": repr(transform),
-            "view": view,
-            "augment_seed": augment_seed,
-            "files": files_digest(items),
-            "dataset": self.source,
-            "set": name,
-            "count": len(items),
-        }
-        what = name if view is None else f"{name} view {view}"
-        return self.feature_store.get(
-            key,
-            lambda: extract_features(
-                self.backbone, items, transform, device=self.device, precision=self.precision,
-                batch_size=self.eval_batch_size, num_workers=self.num_workers, augment_seed=augment_seed,
-                skip_bad_images=self.skip_bad_images, description=f"encoding {self.source}/{what}",
-            ),
+        return cached_features(
+            self.feature_store, self.backbone, self.labeled_set(name).items, transform, source=self.source,
+            set_name=name, device=self.device, precision=self.precision, batch_size=self.eval_batch_size,
+            num_workers=self.num_workers, skip_bad_images=self.skip_bad_images, view=view,
+            augment_seed=None if view is None else view_seed(self.seed, view),
         )
 
     def images(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

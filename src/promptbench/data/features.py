@@ -34,6 +34,7 @@ from promptbench.backbones import Backbone
 from promptbench.contract import FeatureSet
 from promptbench.data.items import Item
 from promptbench.data.loading import ImageDataset, collate_skipping_bad, image_loader
+from promptbench.data.transforms import test_transform
 from promptbench.errors import PromptbenchError
 from promptbench.io import atomic_path, write_json_atomic
 
@@ -129,6 +130,72 @@ def extract_features(
         raise PromptbenchError(f"{description}: none of the {len(items)} images could be read")
     kept = seen.nonzero().squeeze(1)
     return FeatureSet(features[kept], labels[kept], kept)
+
+
+def cached_features(
+    store: "FeatureStore",
+    backbone: Backbone,
+    items: Sequence[Item],
+    transform: Callable,
+    *,
+    source: str,
+    set_name: str,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    num_workers: int,
+    skip_bad_images: bool,
+    view: int | None = None,
+    augment_seed: int | None = None,
+) -> FeatureSet:
+    """Features of `items` under `transform` from the store when the same inputs were encoded before, else
+    extracted and stored. `view`/`augment_seed`: an augmented view (None: the deterministic test transform)."""
+    key = {
+        "backbone": backbone.fingerprint,
+        "precision": str(precision),
+        "transform": repr(transform),
+        "view": view,
+        "augment_seed": augment_seed,
+        "files": files_digest(items),
+        "dataset": source,
+        "set": set_name,
+        "count": len(items),
+    }
+    what = set_name if view is None else f"{set_name} view {view}"
+    return store.get(
+        key,
+        lambda: extract_features(
+            backbone, items, transform, device=device, precision=str(precision), batch_size=batch_size,
+            num_workers=num_workers, augment_seed=augment_seed, skip_bad_images=skip_bad_images,
+            description=f"encoding {source}/{what}",
+        ),
+    )
+
+
+@dataclass
+class FrozenFeatures:
+    """Test-transform features of any image list and backbone, through the run's feature cache.
+
+    What a protocol's train labeller gets (the unsupervised protocol's pseudo-labelling encodes the whole
+    train pool): the run's extraction settings, and a cache shared with every other run, so a sweep
+    encodes the pool once per backbone.
+    """
+
+    store: "FeatureStore"
+    source: str
+    device: torch.device
+    precision: str = "32"
+    batch_size: int = 128
+    num_workers: int = 0
+    skip_bad_images: bool = False
+
+    def features(self, backbone: Backbone, set_name: str, items: Sequence[Item]) -> FeatureSet:
+        transform = test_transform(backbone.image_size, backbone.mean, backbone.std)
+        return cached_features(
+            self.store, backbone, items, transform, source=self.source, set_name=set_name, device=self.device,
+            precision=self.precision, batch_size=self.batch_size, num_workers=self.num_workers,
+            skip_bad_images=self.skip_bad_images,
+        )
 
 
 @dataclass

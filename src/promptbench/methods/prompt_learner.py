@@ -249,11 +249,15 @@ def interpret_learned(path: str | Path, backbone_config: str | Path | None = Non
     ctx = state[CONTEXT_KEY]
     words = nearest_words(backbone, ctx, top_k)
     n_ctx = ctx.shape[-2]
-    if ctx.dim() == 3:
-        classnames = metadata.get("classnames") or [f"class {i}" for i in range(ctx.shape[0])]
-        labels = [f"{classnames[i // n_ctx]} #{i % n_ctx + 1}" for i in range(len(words))]
-    else:
-        labels = [f"#{i + 1}" for i in range(len(words))]
+    # [n_ctx, d] unified, [n_cls, n_ctx, d] class-specific, [prompts, 1 or n_cls, n_ctx, d] an ensemble (UPL)
+    per_class = ctx.dim() >= 3 and ctx.shape[-3] > 1
+    classnames = metadata.get("classnames") or [f"class {i}" for i in range(ctx.shape[-3] if per_class else 0)]
+    rows = ctx.shape[-3] * n_ctx if ctx.dim() >= 3 else n_ctx
+    labels = []
+    for i in range(len(words)):
+        prompt, within = divmod(i, rows)
+        label = f"{classnames[within // n_ctx]} #{within % n_ctx + 1}" if per_class else f"#{within % n_ctx + 1}"
+        labels.append(f"prompt {prompt + 1} {label}" if ctx.dim() == 4 else label)
     width = max(len(label) for label in [*labels, "context"]) + 2
     header = f"{'context':<{width}}" + "".join(f"{f'nearest {k + 1}':<24}" for k in range(len(words[0])))
     lines = [

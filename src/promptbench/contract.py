@@ -130,10 +130,16 @@ class FeatureViews:
 
 
 class FeatureProvider(Protocol):
-    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, nothing else."""
+    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, and which of its
+    classes have no training image; nothing else."""
 
     def features(self, split: str) -> FeatureSet:
         """Test-transform features of a set."""
 
     def views(self, split: str, views: Views) -> FeatureViews:
         """Features of `views.n` augmented views of a set."""
+
+    def label_only_classes(self) -> list[int]:
+        """Labels of the method's classes that have a name but no training image (protocol
+        generalized_zero_shot's new classes; empty elsewhere): what a method that synthesizes data for them
+        (SHIP) needs to know."""

@@ -251,7 +251,7 @@ class Ship(Method):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total, count = total + float(loss) * len(batch), count + len(batch)
+                total, count = total + float(loss.detach()) * len(batch), count + len(batch)
             losses.append(total / count)
         vae.requires_grad_(False)
         vae.eval()

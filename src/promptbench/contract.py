@@ -130,8 +130,8 @@ class FeatureViews:
 
 
 class FeatureProvider(Protocol):
-    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, and which of its
-    classes have no training image; nothing else."""
+    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, which of its classes
+    have no training image, and the run's device; nothing else."""
 
     def features(self, split: str) -> FeatureSet:
         """Test-transform features of a set."""
@@ -143,3 +143,6 @@ class FeatureProvider(Protocol):
         """Labels of the method's classes that have a name but no training image (protocol
         generalized_zero_shot's new classes; empty elsewhere): what a method that synthesizes data for them
         (SHIP) needs to know."""
+
+    def device(self) -> torch.device:
+        """The device the run computes on (the trainer's), for a method that trains something in `prepare`."""

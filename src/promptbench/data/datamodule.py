@@ -309,3 +309,6 @@ class ContractFeatures:
 
     def label_only_classes(self) -> list[int]:
         return list(self._datamodule.label_only_classes)
+
+    def device(self) -> torch.device:
+        return self._datamodule.device

@@ -198,6 +198,9 @@ class SynthesizedTrain:
     def label_only_classes(self) -> list[int]:
         return self._provider.label_only_classes()
 
+    def device(self) -> torch.device:
+        return self._provider.device()
+
 
 class Ship(Method):
     """The SHIP mixin: `class ShipX(Ship, X)` is method X trained on its labelled plus synthesized features."""
@@ -278,6 +281,9 @@ class Ship(Method):
                 f"this run has none: use protocol=generalized_zero_shot (the method gets every class name and the "
                 f"base classes' images), or method={self.name.removeprefix('ship_')} without SHIP"
             )
+        # The generator learns through the text tower: on the run's device (the trainer moves the method there later
+        # anyway), not on the CPU where the method was built.
+        self.to(provider.device())
         self.label_only = torch.tensor(label_only, dtype=torch.long, device=self.generator_device())
         self.fit_generator(provider.views("train", self.ship_options.views))
         self.ship_notes.update(label_only_classes=len(label_only))

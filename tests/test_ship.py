@@ -148,6 +148,31 @@ def test_every_training_batch_gets_as_many_synthesized_features(tiny_backbone, g
     assert all(torch.equal(v, method.ship_generator.state_dict()[k]) for k, v in generator_before.items())
 
 
+def test_a_resumed_run_ends_with_the_uninterrupted_prompts(tiny_backbone, gzsl, tmp_path):
+    """The generator is retrained identically in prepare and the synthesized batches are seeded by the step."""
+    from promptbench.resume import ResumableTraining
+
+    def run(callbacks, ckpt_path=None):
+        method = small_ship("ship_coop", tiny_backbone, views={"n": 2, "scale": [0.5, 1.0]}, batch_size=2)
+        module = datamodule(method, gzsl, tiny_backbone, tmp_path)
+        method.prepare(module.provider)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(method, datamodule=module, ckpt_path=ckpt_path)
+        return method.prompt_learner.ctx.detach()
+
+    class StopAfterSecondEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    saver = ResumableTraining(tmp_path / "run", {"test": 1})
+    interrupted = run([saver, StopAfterSecondEpoch()])
+    resumed = run([], ckpt_path=saver.last)
+    straight = run([])
+    assert not torch.equal(interrupted, straight)
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
 def test_ship_needs_label_only_classes_and_cached_features(tiny_backbone, toy_root, tmp_path):
     task = FewShot(seed=1).build(FolderDataset(toy_root), 2)
     method = small_ship("ship_coop", tiny_backbone, views={"n": 1, "scale": [0.5, 1.0]})

@@ -215,7 +215,10 @@ class Ship(Method):
                 f"method '{self.name}': SHIP adds synthesized features to what the method trains on, so the method "
                 f"must train on cached features; set method.views.n=N (N >= 1 cached augmented views) for CoOp"
             )
-        self.ship_generator = PromptVAE(backbone, self.classnames, self.ship_options)
+        # Initialised from the seed alone, not from whatever the global stream holds when the method is built.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.ship_options.seed)
+            self.ship_generator = PromptVAE(backbone, self.classnames, self.ship_options)
         self.register_buffer("label_only", torch.empty(0, dtype=torch.long), persistent=False)
         self.ship_notes: dict[str, Any] = {}
 

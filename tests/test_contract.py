@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -52,12 +52,13 @@ def test_layers_import_downward_only(layer, forbidden):
 class FakeProvider:
     """A FeatureProvider of random features that records what the method asked for."""
 
-    def __init__(self, dim: int, per_class: int = 4):
-        self.dim, self.per_class, self.asked = dim, per_class, []
+    def __init__(self, dim: int, per_class: int = 4, label_only: Sequence[int] = ()):
+        self.dim, self.per_class, self.label_only, self.asked = dim, per_class, list(label_only), []
 
     def features(self, split: str) -> FeatureSet:
         self.asked.append(split)
-        labels = torch.arange(len(CLASSES)).repeat_interleave(self.per_class)
+        labelled = [label for label in range(len(CLASSES)) if label not in self.label_only]
+        labels = torch.tensor(labelled).repeat_interleave(self.per_class)
         generator = torch.Generator().manual_seed(len(self.asked))
         return FeatureSet(torch.randn(len(labels), self.dim, generator=generator), labels, torch.arange(len(labels)))
 
@@ -70,6 +71,12 @@ class FakeProvider:
         generator = torch.Generator().manual_seed(len(self.asked))
         yield torch.randn(len(labels), 3, 64, 64, generator=generator), labels, torch.arange(len(labels))
 
+    def label_only_classes(self) -> list[int]:
+        return list(self.label_only)
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_builds_from_its_config_and_prepares_on_a_fake_provider(name, tiny_backbone):
@@ -79,7 +86,9 @@ def test_every_method_builds_from_its_config_and_prepares_on_a_fake_provider(nam
     assert method.trains == (method.optim is not None), "a method that trains gets the run's optimiser, only then"
     if method.trains and contract.inputs == "features":
         assert contract.train_views is not None
-    provider = FakeProvider(tiny_backbone.embed_dim)
+    # SHIP synthesizes features for a class without images: the protocol that gives it one (generalized zero-shot).
+    ship = "ship" in composed((f"method={name}",)).method
+    provider = FakeProvider(tiny_backbone.embed_dim, label_only=[len(CLASSES) - 1] if ship else [])
     method.prepare(provider)
     assert set(provider.asked) == set(contract.reads), "prepare must read exactly the sets the contract declares"
     inputs = (torch.randn(5, tiny_backbone.embed_dim) if contract.inputs == "features"

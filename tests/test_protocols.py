@@ -14,7 +14,7 @@ from promptbench.data.datasets import DTD, ImageNet, ImageNetA
 from promptbench.data.items import Item
 from promptbench.errors import PromptbenchError
 from promptbench.methods.base import Method
-from promptbench.protocols import BaseToNew, CrossDataset, DomainGeneralization, FewShot, Task
+from promptbench.protocols import BaseToNew, CrossDataset, DomainGeneralization, FewShot, GeneralizedZeroShot, Task
 from promptbench.runner import refuse_untransferable
 from test_datasets import make_benchmark
 
@@ -123,3 +123,31 @@ def test_base2new_run_reports_base_new_and_harmonic_mean(tmp_path, run_env):
     expected = 2 * base * new / (base + new) if base + new else 0.0
     assert metrics["harmonic_mean"]["top1"] == pytest.approx(expected)
     assert (root / "split_fewshot" / "shot_1-seed_1.json").is_file()
+
+
+def test_generalized_zero_shot_trains_on_base_images_in_the_joint_label_space(dtd):
+    random.seed(1)
+    task = GeneralizedZeroShot(seed=1).build(dtd, 2)
+    random.seed(1)
+    halves = BaseToNew(seed=1).build(dtd, 2)  # the same draw: the same base images
+    base, new = [0, 1, 2], [3, 4]
+    assert task.label_only_classes == new
+    for labeled in (task.train, task.val, task.full_val):
+        assert labeled.classnames == dtd.classnames  # every class name, base and new
+    assert [(i.path, i.label) for i in task.train.items] == [(i.path, i.label) for i in halves.train.items]
+    assert task.evals["all"].items == dtd["test"].items and task.evals["all"].classnames == dtd.classnames
+    assert task.class_subsets == {"base": ("all", base), "new": ("all", new)}
+    assert task.harmonic_means == {"harmonic_mean": ("base", "new")}
+    assert {i.label for i in task.eval_images("new").items} == set(new)
+
+    new_paths = {item.path for item in dtd["train"].items + dtd["val"].items + dtd["test"].items if item.label in new}
+    for policy in ("fewshot_val", "full_val", "test_parity"):
+        task.select_with(policy)
+        seen = task.train.items + task.val.items + task.selection.items
+        assert seen and not any(item.label in new or item.path in new_paths for item in seen), policy
+
+    # "base" and "new" are rows of the "all" predictions, still scored over all five classes.
+    logits = torch.eye(5)[[0, 3, 4, 1]]
+    labels = torch.tensor([0, 4, 4, 2])
+    rows, kept = task.class_subset("new", logits, labels)
+    assert rows.shape == (2, 5) and kept.tolist() == [4, 4]

@@ -36,6 +36,9 @@ def results_dir(tmp_path) -> Path:
     for seed in (1, 2):
         write_result(root, "coop", 16, seed, 0, dataset="dtd", protocol="base2new",
                      evals={"base": {"top1": 80.0 + seed}, "new": {"top1": 60.0 + seed}, "harmonic_mean": {"top1": 70.0}})
+    write_result(root, "ship_coop", 16, 1, 0, dataset="dtd", protocol="generalized_zero_shot",
+                 evals={"all": {"top1": 70.0}, "base": {"top1": 75.0}, "new": {"top1": 65.0},
+                        "harmonic_mean": {"top1": 69.6}})
     (root / "broken").mkdir()
     (root / "broken" / "results.json").write_text(json.dumps({"status": "failed"}))
     return root
@@ -70,6 +73,8 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
     assert sixteen["published"] == "63.58" and sixteen["diff"] == "-0.58"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "top1_vs_shots_dtd_test_rn50.png" in pngs and "top1_base2new.png" in pngs
+    # Generalized zero-shot gets its own base/new/HM/all bars, not accuracy-vs-shots curves.
+    assert "top1_generalized_zero_shot.png" in pngs and not any("_all_" in name or "_new_" in name for name in pngs)
     assert all((out / name).stat().st_size > 1000 for name in pngs)
     assert (out / "report.md").read_text().startswith("| method |")
 

@@ -135,7 +135,8 @@ class FeatureViews:
 
 
 class FeatureProvider(Protocol):
-    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, nothing else."""
+    """What `Method.prepare` receives: frozen features of the sets its contract `reads`, which of its classes
+    have no training image, and the run's device; nothing else."""
 
     def features(self, split: str) -> FeatureSet:
         """Test-transform features of a set."""
@@ -146,3 +147,11 @@ class FeatureProvider(Protocol):
     def images(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Batches (images, labels, item indices) of a set's test-transform images on the run's device, with the
         backbone moved there, for a method that encodes them itself; unreadable images skipped as in evaluation."""
+
+    def label_only_classes(self) -> list[int]:
+        """Labels of the method's classes that have a name but no training image (protocol
+        generalized_zero_shot's new classes; empty elsewhere): what a method that synthesizes data for them
+        (SHIP) needs to know."""
+
+    def device(self) -> torch.device:
+        """The device the run computes on (the trainer's), for a method that trains something in `prepare`."""

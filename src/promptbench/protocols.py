@@ -3,6 +3,9 @@
 - `fewshot`: K shots of a dataset, evaluated on its test split.
 - `base2new`: K shots of the base half of the classes; test on the base and the new half, plus their
   harmonic mean (protocol.md section 2).
+- `generalized_zero_shot`: base-to-new's halves in one label space: the method is built with every class name,
+  trains on K shots of the base half only (the new half is label-only: names, no image), and is tested on all
+  test images over all classes, reported as `all`, its `base` and `new` images, and their harmonic mean.
 - `cross_dataset`: K shots of a source dataset (ImageNet by default), evaluated on the source and on every
   target dataset, each with its own classes.
 - `domain_generalization`: K shots of ImageNet, evaluated on ImageNet and its variants in ImageNet's
@@ -68,6 +71,12 @@ class Task:
     labeller: TrainLabeller | None = None
     # What the labeller did, for results.json (`pseudo_labels`); None until then.
     labelling: dict[str, Any] | None = None
+    # derived eval set -> (eval set, labels): that set's images of these classes, still scored over all of its
+    # classes (generalized zero-shot's "base" and "new" inside "all": one pass over the test images).
+    class_subsets: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    # Labels of the training class set with a name but no training image (generalized zero-shot's new classes).
+    # Methods learn them through `FeatureProvider.label_only_classes()`; the other protocols have none.
+    label_only_classes: list[int] = field(default_factory=list)
 
     def label_train(self, backbone: Backbone, images: FrozenFeatures) -> None:
         """Run the task's labeller on its unlabelled train pool: its labelled set becomes `train`."""
@@ -102,9 +111,9 @@ class Task:
         elif policy == "fewshot_val":
             self.selection = self.val
         elif policy == "test_parity":
-            self.selection = self.evals[self.train_class_test]
+            self.selection = self.eval_images(self.train_class_test)
         else:
-            test_paths = {item.path for item in self.evals[self.train_class_test].items}
+            test_paths = {item.path for item in self.eval_images(self.train_class_test).items}
             if self.full_val is None or not self.full_val.items:
                 raise PromptbenchError(f"selection=full_val: {self.source} has no val split to select on; use "
                                        f"selection=fewshot_val or selection=none")
@@ -115,6 +124,18 @@ class Task:
                     f"selection=test_parity to reproduce a paper that does so (marked as such), or "
                     f"selection=fewshot_val / selection=none")
             self.selection = self.full_val
+
+    def eval_images(self, name: str) -> LabeledSet:
+        """The images of an eval set or of a class subset of one (`class_subsets`)."""
+        if name in self.class_subsets:
+            source, labels = self.class_subsets[name]
+            return only_classes(self.evals[source], labels)
+        return self.evals[name]
+
+    def class_subset(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a class subset's images among the outputs of its eval set (all of the set's logit columns)."""
+        keep = torch.isin(labels.long(), torch.tensor(self.class_subsets[name][1], dtype=torch.long))
+        return logits[keep], labels[keep]
 
     def scored_outputs(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Restrict an eval set's logits to the classes it is scored over, labels renumbered to match."""
@@ -136,6 +157,22 @@ class Task:
 
 def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def only_classes(labeled: LabeledSet, selected: Sequence[int]) -> LabeledSet:
+    """The items of the `selected` labels, labels and class names unchanged (one label space for every set)."""
+    kept = set(selected)
+    return LabeledSet([item for item in labeled.items if item.label in kept], labeled.classnames, labeled.templates)
+
+
+def class_halves(train: LabeledSet, dataset: Dataset, protocol: str) -> tuple[list[int], list[int]]:
+    """The reference's base and new labels: after few-shot sampling, base = the first ceil(n/2) sorted train labels."""
+    labels = sorted({item.label for item in train.items})
+    half = math.ceil(len(labels) / 2)
+    base, new = labels[:half], labels[half:]
+    if not new:
+        raise PromptbenchError(f"{protocol}: dataset '{dataset.display_name}' has {len(labels)} class(es); need 2+")
+    return base, new
 
 
 def keep_classes(labeled: LabeledSet, selected: Sequence[int]) -> LabeledSet:
@@ -192,11 +229,7 @@ class BaseToNew(Protocol):
 
     def build(self, dataset: Dataset, shots: int) -> Task:
         train, val = self.fewshot(dataset, shots)
-        labels = sorted({item.label for item in train.items})
-        half = math.ceil(len(labels) / 2)
-        base, new = labels[:half], labels[half:]
-        if not new:
-            raise PromptbenchError(f"base2new: dataset '{dataset.display_name}' has {len(labels)} class(es); need 2+")
+        base, new = class_halves(train, dataset, self.name)
         test = dataset["test"]
         return Task(
             source=dataset.display_name,
@@ -206,6 +239,34 @@ class BaseToNew(Protocol):
             harmonic_means={"harmonic_mean": ("base", "new")},
             full_val=keep_classes(dataset["val"], base),
             train_class_test="base",
+        )
+
+
+class GeneralizedZeroShot(Protocol):
+    """Base-to-new's halves (the same few-shot draw, the same base and new labels) in one label space.
+
+    The method is built with every class name and trains on the base classes' K shots only: the new classes
+    are label-only (`Task.label_only_classes`), no train, val or selection image of theirs reaches it. It is
+    tested on every test image over all classes ("all"), reported too for the base and the new classes' images
+    ("base", "new": accuracy over all classes, not within their half) and their harmonic mean. Methods tied to
+    their training classes work, since the class set never changes.
+    """
+
+    name = "generalized_zero_shot"
+
+    def build(self, dataset: Dataset, shots: int) -> Task:
+        train, val = self.fewshot(dataset, shots)
+        base, new = class_halves(train, dataset, self.name)
+        return Task(
+            source=dataset.display_name,
+            train=only_classes(train, base),
+            val=only_classes(val, base),
+            evals={"all": dataset["test"]},
+            class_subsets={"base": ("all", base), "new": ("all", new)},
+            harmonic_means={"harmonic_mean": ("base", "new")},
+            full_val=only_classes(dataset["val"], base),
+            train_class_test="base",
+            label_only_classes=new,
         )
 
 

@@ -31,6 +31,8 @@ GROUP_KEYS = ("method", "dataset", "backbone", "protocol", "selection", "shots",
 # Published numbers are keyed without the policy (the papers' own).
 PUBLISHED_KEYS = tuple(key for key in GROUP_KEYS if key != "selection")
 NO_SELECTION = "-"
+# Protocols reported as base/new/harmonic-mean bars (one chart each, with its title) rather than accuracy-vs-shots.
+BAR_PROTOCOLS = {"base2new": "base-to-new", "generalized_zero_shot": "generalized zero-shot"}
 
 
 @dataclass
@@ -237,7 +239,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
-    """Accuracy vs shots per (dataset, backbone) and averaged over datasets; base/new/HM bars for base2new."""
+    """Accuracy vs shots per (dataset, backbone) and averaged over datasets; base/new/HM bars for base2new and
+    generalized_zero_shot (one bar chart per protocol, `all` too for the latter)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +256,7 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
             written.append(path)
         plt.close(figure)
 
-    curves = [r for r in rows if r.protocol != "base2new"]
+    curves = [r for r in rows if r.protocol not in BAR_PROTOCOLS]
     panels = sorted({(r.dataset, r.backbone, r.protocol, r.eval_set) for r in curves})
     for dataset, backbone, protocol, eval_set in panels:
         figure, axis = plt.subplots(figsize=(5, 3.6))
@@ -290,11 +293,13 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
             axis.legend(fontsize=7)
             save(figure, f"{metric}_vs_shots_average_{backbone}")
 
-    bars = [r for r in rows if r.protocol == "base2new"]
-    if bars:
+    for protocol, title in BAR_PROTOCOLS.items():
+        bars = [r for r in rows if r.protocol == protocol]
+        if not bars:
+            continue
         figure, axis = plt.subplots(figsize=(6, 3.6))
         groups = sorted({(series(r), r.dataset, r.backbone, r.shots) for r in bars})
-        sets = [s for s in ("base", "new", "harmonic_mean") if any(r.eval_set == s for r in bars)]
+        sets = [s for s in ("base", "new", "harmonic_mean", "all") if any(r.eval_set == s for r in bars)]
         width = 0.8 / max(1, len(sets))
         for offset, eval_set in enumerate(sets):
             heights = [next((r.mean for r in bars if (series(r), r.dataset, r.backbone, r.shots) == g and r.eval_set == eval_set), 0.0)
@@ -302,9 +307,9 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
             axis.bar([i + offset * width for i in range(len(groups))], heights, width, label=eval_set)
         axis.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(groups))])
         axis.set_xticklabels([f"{m}\n{d}" for m, d, _, _ in groups], fontsize=7)
-        axis.set(ylabel=f"{metric} (%)", title="base-to-new")
+        axis.set(ylabel=f"{metric} (%)", title=title)
         axis.legend(fontsize=7)
-        save(figure, f"{metric}_base2new")
+        save(figure, f"{metric}_{protocol}")
     return written
 
 

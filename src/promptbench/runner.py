@@ -123,6 +123,10 @@ def evaluate(trainer: L.Trainer, method: Method, datamodule: FewShotDataModule, 
             "paths": [eval_set.items[i].path for i in outputs["index"].tolist()],
             "classnames": eval_set.classnames,
         }
+    for name, (source, _) in task.class_subsets.items():  # e.g. generalized zero-shot's base and new classes
+        logits, labels = task.class_subset(name, predictions[source]["logits"], predictions[source]["labels"])
+        metrics[name] = classification_metrics(logits, labels)
+        metrics[name]["skipped_images"] = len(task.eval_images(name)) - len(labels)
     metrics.update(task.derived_metrics(metrics))  # e.g. base-to-new's harmonic mean
     return metrics, predictions
 
@@ -299,7 +303,7 @@ def build_job(cfg: DictConfig, run_dir: Path, backbone: Any, timer: PhaseTimer, 
         job.task.sets(), job.task.source, backbone, job.method.contract(), device=device,
         feature_store=feature_store, precision=precision, eval_batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers, skip_bad_images=skip_bad_images, seed=cfg.seed,
-        train_crop_scale=cfg.train_crop_scale,
+        train_crop_scale=cfg.train_crop_scale, label_only_classes=job.task.label_only_classes,
     )
     return job
 

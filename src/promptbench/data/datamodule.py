@@ -138,6 +138,7 @@ class FewShotDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         seed: int = 0,
         train_crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+        label_only_classes: Sequence[int] = (),
     ):
         super().__init__()
         self.sets = dict(sets)
@@ -151,6 +152,8 @@ class FewShotDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.skip_bad_images = skip_bad_images
         self.seed = seed
+        # Classes of the train set's class names that have no training image (the protocol says which).
+        self.label_only_classes = [int(label) for label in label_only_classes]
         self._readable_sets: dict[str, LabeledSet] = {}
         self._skipped_images: dict[str, list[str]] = {}
         unknown = [name for name in contract.reads if name not in self.sets]
@@ -307,3 +310,9 @@ class ContractFeatures:
     def images(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._check(split)
         return self._datamodule.images(split)
+
+    def label_only_classes(self) -> list[int]:
+        return list(self._datamodule.label_only_classes)
+
+    def device(self) -> torch.device:
+        return self._datamodule.device

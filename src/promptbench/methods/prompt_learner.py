@@ -170,6 +170,19 @@ class PromptLearner(nn.Module):
         index = self.order.unsqueeze(-1).expand(*prompts.shape)
         return prompts.gather(-2, index)
 
+    def class_prompts(self, labels: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [B, L, ctx_dim]: for each b, the prompt of class `labels[b]` with its own context
+        `ctx[b]` ([B, M, ctx_dim]), e.g. SHIP's synthesized prompts. One prompt per sample, not one per class."""
+        ctx = ctx.to(self.token_prefix.dtype)
+        prompts = torch.cat([self.token_prefix[labels], ctx, self.token_suffix[labels]], dim=-2)
+        if self.order is None:
+            return prompts
+        return prompts.gather(-2, self.order[labels].unsqueeze(-1).expand(*prompts.shape))
+
+    def class_text_features(self, backbone: Backbone, labels: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features [B, embed_dim] of `class_prompts(labels, ctx)`, in one encoder pass."""
+        return backbone.encode_text_embeddings(self.class_prompts(labels, ctx), self.eos[labels])
+
     def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None,
                       deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass.

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from promptbench.backbones import Backbone
 from promptbench.contract import DataContract, FeatureProvider
 from promptbench.errors import PromptbenchError
-from promptbench.methods.base import Method
-from promptbench.methods.prompts import resolve_templates, text_classifier
+from promptbench.methods.zeroshot import ZeroShotCLIP
 from promptbench.selection import SELECTION_SET
 
 log = logging.getLogger(__name__)
@@ -86,10 +85,10 @@ def search_betas(components: Sequence[torch.Tensor], labels: torch.Tensor, beta1
     return float(beta2_grid[row]), float(beta3_grid[column]), int(correct[row, column])
 
 
-class CALIP(Method):
+class CALIP(ZeroShotCLIP):
+    """Zero-shot CLIP (its template set and class text features) plus the two attention-guided logits."""
+
     name = "calip"
-    trains = False
-    uses_train_data = False
     selects = ("beta2", "beta3")
 
     def __init__(
@@ -110,7 +109,7 @@ class CALIP(Method):
         logit_scale: float | None,
         **config: Any,
     ):
-        super().__init__(backbone, classnames, resolve_templates(template_set, templates), **config)
+        super().__init__(backbone, classnames, templates, template_set, **config)
         for option, value in (("beta2_max", beta2_max), ("beta3_max", beta3_max)):
             if not float(value) > float(search_start):
                 raise PromptbenchError(f"method.{option} must be > method.search_start ({search_start}): the grid runs "
@@ -119,30 +118,16 @@ class CALIP(Method):
             raise PromptbenchError(f"method.search_steps must be >= 1, got {search_steps}")
         if logit_scale is not None and not float(logit_scale) > 0:
             raise PromptbenchError(f"method.logit_scale must be > 0 (or null: the backbone's), got {logit_scale}")
-        self.template_set = template_set
         self.beta2_grid = reference_grid(float(beta2_max), float(search_start), int(search_steps))
         self.beta3_grid = reference_grid(float(beta3_max), float(search_start), int(search_steps))
         self.attention_scale = float(attention_scale)
         self.logit_scale = None if logit_scale is None else float(logit_scale)
         # Saved (learned.safetensors), so an eval-only run with ckpt_path uses the selected weights.
         self.register_buffer("betas", torch.tensor([float(beta1), float(beta2), float(beta3)], dtype=torch.float64))
-        self._classifier: torch.Tensor | None = None
         self.notes: dict[str, Any] = {}
 
     def contract(self) -> DataContract:
         return DataContract(inputs="images", reads=self.selection_reads())
-
-    def set_classes(self, classnames: Sequence[str], templates: Sequence[str]) -> None:
-        super().set_classes(classnames, resolve_templates(self.template_set, templates))
-
-    def on_classes_changed(self) -> None:
-        self._classifier = None
-
-    def classifier(self) -> torch.Tensor:
-        """The class text features [C, D] (the template ensemble, L2-normalised), once per class set."""
-        if self._classifier is None:
-            self._classifier = text_classifier(self.backbone, self.classnames, self.templates)
-        return self._classifier
 
     def scale(self) -> torch.Tensor | float:
         return self.backbone.logit_scale if self.logit_scale is None else self.logit_scale

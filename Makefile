@@ -21,9 +21,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) run.py -m experiment=demo
-	$(PY) run.py -m experiment=demo_shades
 	$(PY) run.py -m experiment=demo_base2new
-	$(PY) run.py -m experiment=demo_shades_vit
+	$(PY) run.py -m experiment=demo_vit
 	$(VENV)/bin/promptbench report outputs/demo --out outputs/demo
 
 # Two workers, one test file each at a time (module fixtures such as the SLURM cluster stay in one process).

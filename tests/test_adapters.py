@@ -366,3 +366,51 @@ def test_each_method_beats_chance_on_a_small_learnable_task(name, tmp_path_facto
     with torch.no_grad():
         accuracy = (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
     assert accuracy > 2 / len(few.train.classnames), accuracy
+
+
+# ---- learning on synth_swatches ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def swatches(tmp_path_factory):
+    """synth_swatches at 16 shots (seed 1) with the bundled mini CLIP, its test features and zero-shot accuracy."""
+    import random
+
+    from promptbench.backbones import load_backbone
+    from promptbench.data.datasets import SyntheticDataset
+
+    dataset = SyntheticDataset(tmp_path_factory.getbasetemp() / "synthetic", task="synth_swatches")
+    random.seed(1)
+    few = FewShot().build(dataset, 16)
+    backbone = load_backbone("mini", "promptbench-mini", "bundled")
+    store = RecordingStore(tmp_path_factory.mktemp("swatch_features"))
+    zeroshot = build_method("zeroshot", backbone, few.train.classnames, few.train.templates)
+    test = datamodule_for(zeroshot, few, backbone, store).features("test")
+    return SimpleNamespace(task=few, backbone=backbone, store=store, test=test, zeroshot=top1(zeroshot, test))
+
+
+def top1(method, test: FeatureSet) -> float:
+    with torch.no_grad():
+        return 100.0 * (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
+
+
+# Gains over zero-shot (69.6) at 16 shots measured with these very settings for seeds 1, 2, 3: Tip-Adapter
+# +14.4/+14.2/+14.6, Tip-Adapter-F +12.2/+13.4/+12.8, CLIP-Adapter +1.6/+3.8/+3.2 (its reference lr 0.002 steps
+# 4.6x shorter than on CLIP: the mini CLIP's logit scale is 21.9, not 100; experiments/mini_world_adaptation.md),
+# linear probe +24.2/+26.8/+26.4, CoOp on 10 cached views for 50 epochs +14.2/+14.2/+15.2. The margins sit below
+# the smallest gain of the three seeds; the test runs seed 1.
+SWATCH_MARGIN = {"tip_adapter": 10.0, "tip_adapter_f": 8.0, "clip_adapter": 1.0, "linear_probe": 15.0, "coop": 10.0}
+SWATCH_SETTINGS = {"tip_adapter_f": ((), 20), "clip_adapter": ((), 200), "coop": (("method.views.n=10",), 50)}
+
+
+@pytest.mark.parametrize("name", list(SWATCH_MARGIN))
+def test_each_family_beats_zero_shot_on_synth_swatches(name, swatches):
+    """The published pattern on the mini world: with 16 shots the cache, the adapter, the probe and the learned
+    prompt all beat the hand-crafted prompt (zero-shot)."""
+    overrides, epochs = SWATCH_SETTINGS.get(name, ((), None))
+    method = build_method(name, swatches.backbone, swatches.task.train.classnames, swatches.task.train.templates,
+                          overrides=overrides)
+    datamodule = datamodule_for(method, swatches.task, swatches.backbone, swatches.store)
+    if method.trains:
+        fit(method, datamodule, epochs=epochs)
+    else:
+        method.prepare(datamodule.provider)
+    assert top1(method, swatches.test) >= swatches.zeroshot + SWATCH_MARGIN[name], (name, swatches.zeroshot)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from promptbench.cli import main
-from promptbench.report import aggregate, load_results
+from promptbench.report import aggregate, load_results, shot_curves
 
 
 def write_result(root: Path, method: str, shots: int, seed: int, top1: float, dataset="dtd", protocol="fewshot",
@@ -77,6 +77,15 @@ def test_cli_writes_markdown_csv_and_plots(results_dir, tmp_path, capsys):
     assert "top1_generalized_zero_shot.png" in pngs and not any("_all_" in name or "_new_" in name for name in pngs)
     assert all((out / name).stat().st_size > 1000 for name in pngs)
     assert (out / "report.md").read_text().startswith("| method |")
+
+
+def test_zero_shot_is_a_reference_line_beside_the_shot_curves(results_dir):
+    # As in the CoOp paper's curves: zero-shot (reported at 0 shots) is a horizontal line, not a point at 0 shots.
+    test_rows = [r for r in aggregate(load_results([results_dir])) if r.protocol == "fewshot"]
+    lines, references = shot_curves(test_rows)
+    assert references == {"zeroshot": pytest.approx(42.0)}
+    assert list(lines) == ["coop"]
+    assert [(shots, mean) for shots, mean, _ in lines["coop"]] == [(1, pytest.approx(52.0)), (16, pytest.approx(63.0))]
 
 
 TIP = {"policy": "fewshot_val", "selects": ["alpha", "beta"]}

@@ -30,6 +30,7 @@ from promptbench.tools.miniworld import (
     render,
     sample_pretraining_scene,
     sample_scene,
+    task_scene,
 )
 from promptbench.tools.miniworld import tasks as tasks_module
 from promptbench.tools.miniworld.captions import COARSE_COLOUR, COLOUR_WORDS, FINE_NAME_PROBABILITY, SHAPE_NOUNS, SIZE_WORDS, STYLE_PREFIXES, STYLE_SUFFIXES
@@ -254,9 +255,11 @@ def test_task_classes_are_sorted_and_scenes_match_their_class(name):
             "synth_shape_colour": f"{target.colour} {target.shape}",
             "synth_textures": scene.texture,
             "synth_shades": target.colour,
+            "synth_swatches": target.colour,
+            "synth_swatches_sketch": target.colour,
         }[name]
         assert described == classname
-        assert (scene.style == "sketch") == (name == "synth_sketch")
+        assert (scene.style == "sketch") == name.endswith("sketch")
 
 
 def test_required_tasks_and_sizes():
@@ -276,6 +279,25 @@ def test_sketch_task_is_the_shapes_task_drawn_as_sketches():
         plain = shapes.scene_for_class(label, np.random.default_rng([0, label]))
         sketched = sketch.scene_for_class(label, np.random.default_rng([0, label]))
         assert dataclasses.replace(plain, style="sketch") == sketched
+
+
+def test_swatches_are_the_shades_alone_and_their_sketch_is_the_same_draws():
+    swatches, sketch = TASKS["synth_swatches"], TASKS["synth_swatches_sketch"]
+    assert swatches.classnames == sketch.classnames == TASKS["synth_shades"].classnames
+    for label in range(len(swatches.classnames)):
+        for index in range(20):
+            scene = task_scene(swatches, "train", label, index)
+            assert [(obj.shape, obj.size) for obj in scene.objects] == [("circle", "large")]
+            assert scene.texture == "plain" and scene.style in ("shaded", "flat")
+            assert dataclasses.replace(scene, style="sketch") == task_scene(sketch, "train", label, index)
+
+
+def test_task_scene_is_the_scene_of_the_rendered_file(tmp_path):
+    task_dir = materialize("synth_swatches", tmp_path, seed=3, image_size=32, images_per_class=TINY_SPLITS)
+    spec = TASKS["synth_swatches"]
+    for label, classname in enumerate(spec.classnames[:3]):
+        with Image.open(task_dir / "train" / class_folder(classname) / "0001.png") as image:
+            assert np.array_equal(pixels(image), pixels(render(task_scene(spec, "train", label, 1, seed=3), 32)))
 
 
 def test_task_spec_rejects_unsorted_classnames():

@@ -238,6 +238,30 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def shot_curves(rows: list[Row]) -> tuple[dict[str, list[tuple[int, float, float]]], dict[str, float]]:
+    """One panel's content: per series, its (shots, mean, std) points in shot order, and the references:
+    series reported at 0 shots only (zero-shot), drawn as horizontal lines as in the CoOp paper's curves."""
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    references: dict[str, float] = {}
+    for method in sorted({series(r) for r in rows}):
+        line = sorted((r for r in rows if series(r) == method), key=lambda r: r.shots)
+        if [r.shots for r in line] == [0]:
+            references[method] = line[0].mean
+        else:
+            lines[method] = [(r.shots, r.mean, r.std) for r in line]
+    return lines, references
+
+
+def draw_references(axis, references: dict[str, float], lines: dict[str, list[tuple[int, float, float]]]) -> None:
+    """Zero-shot rows as dashed horizontal lines; a log2 shots axis labelled with the shots the curves have."""
+    for method, mean in references.items():
+        axis.axhline(mean, linestyle="--", color="black", linewidth=1.2, label=f"{method} ({mean:.1f})")
+    shots = sorted({s for line in lines.values() for s, _, _ in line})
+    if len(shots) > 1 and shots[0] > 0:
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(shots, [str(s) for s in shots])
+
+
 def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
     """Accuracy vs shots per (dataset, backbone) and averaged over datasets; base/new/HM bars for base2new and
     generalized_zero_shot (one bar chart per protocol, `all` too for the latter)."""
@@ -256,41 +280,50 @@ def plot(rows: list[Row], out_dir: Path, metric: str = "top1") -> list[Path]:
             written.append(path)
         plt.close(figure)
 
+    def curve_axes():
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        # Twenty distinct colours (the default cycle repeats after ten methods): tab20's dark shades, then its light.
+        axis.set_prop_cycle(color=[plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))])
+        return figure, axis
+
     curves = [r for r in rows if r.protocol not in BAR_PROTOCOLS]
     panels = sorted({(r.dataset, r.backbone, r.protocol, r.eval_set) for r in curves})
     for dataset, backbone, protocol, eval_set in panels:
-        figure, axis = plt.subplots(figsize=(5, 3.6))
+        figure, axis = curve_axes()
         selected = [r for r in curves if (r.dataset, r.backbone, r.protocol, r.eval_set) == (dataset, backbone, protocol, eval_set)]
-        for method in sorted({series(r) for r in selected}):
-            line = sorted((r for r in selected if series(r) == method), key=lambda r: r.shots)
-            shots = [r.shots for r in line]
-            means = [r.mean for r in line]
-            stds = [r.std for r in line]
+        lines, references = shot_curves(selected)
+        for method, line in lines.items():
+            shots, means, stds = zip(*line)
             axis.plot(shots, means, marker="o", label=method)
             axis.fill_between(shots, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        draw_references(axis, references, lines)
         axis.set(xlabel="shots per class", ylabel=f"{metric} (%)", title=f"{dataset} / {eval_set} ({backbone})")
-        if len({r.shots for r in selected}) > 1 and min(r.shots for r in selected) > 0:
-            axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         save(figure, f"{metric}_vs_shots_{dataset}_{eval_set}_{backbone}".replace("/", "-"))
 
     datasets = {r.dataset for r in curves}
     if len(datasets) > 1:
         for backbone in sorted({r.backbone for r in curves}):
-            figure, axis = plt.subplots(figsize=(5, 3.6))
+            figure, axis = curve_axes()
+            lines, references = {}, {}
             for method in sorted({series(r) for r in curves if r.backbone == backbone}):
                 by_shots: dict[int, list[float]] = {}
                 for r in curves:
                     if series(r) == method and r.backbone == backbone and r.eval_set == "test":
                         by_shots.setdefault(r.shots, []).append(r.mean)
                 complete = sorted(s for s, values in by_shots.items() if len(values) == len(datasets))
-                if complete:
-                    axis.plot(complete, [statistics.fmean(by_shots[s]) for s in complete], marker="o", label=method)
+                if complete == [0]:
+                    references[method] = statistics.fmean(by_shots[0])
+                elif complete:
+                    lines[method] = [(s, statistics.fmean(by_shots[s]), 0.0) for s in complete if s > 0]
+            for method, line in lines.items():
+                axis.plot([s for s, _, _ in line], [m for _, m, _ in line], marker="o", label=method)
+            draw_references(axis, references, lines)
             axis.set(xlabel="shots per class", ylabel=f"mean {metric} over {len(datasets)} datasets (%)",
                      title=f"average ({backbone})")
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
+            axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
             save(figure, f"{metric}_vs_shots_average_{backbone}")
 
     for protocol, title in BAR_PROTOCOLS.items():

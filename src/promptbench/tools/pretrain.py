@@ -297,7 +297,8 @@ It has only ever seen procedurally rendered shapes: its numbers say nothing abou
   pixelated/noisy (5% each); the sketch style is held out (never seen) for the domain-shift task.
   Vocabulary gap: captions call maroon, navy, teal, gold and lime by their own name only 10% of the time
   (red, blue, cyan, yellow, green otherwise), so the image tower sees these shades while the text tower
-  barely knows their names; synth_shades is the task where few-shot adaptation has room.
+  barely knows their names; synth_shades and synth_swatches (the same shades, one circle on a plain
+  background) are the tasks where few-shot adaptation has room.
 - Objective: symmetric InfoNCE, learnable temperature (clamped at 100). AdamW lr {config['lr']}, weight decay
   {config['weight_decay']}, {config['warmup_steps']} warm-up steps then cosine, batch {config['batch_size']},
   {config['steps']} steps ({config.get('samples_seen', config['steps'] * config['batch_size']):,} pairs), {config.get('precision', 'bf16')}{' autocast' if config.get('precision', 'bf16') == 'bf16' else ''}.{text_tower}

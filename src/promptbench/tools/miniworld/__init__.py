@@ -18,7 +18,7 @@ from promptbench.tools.miniworld.render import (
     render,
     sample_scene,
 )
-from promptbench.tools.miniworld.tasks import TASKS, TASKS_VERSION, TaskSpec, class_folder, materialize
+from promptbench.tools.miniworld.tasks import TASKS, TASKS_VERSION, TaskSpec, class_folder, materialize, task_scene
 
 __all__ = [
     "COLOURS",
@@ -41,4 +41,5 @@ __all__ = [
     "render",
     "sample_pretraining_scene",
     "sample_scene",
+    "task_scene",
 ]

@@ -70,6 +70,7 @@ SHAPE_COLOUR_CLASSES = tuple(
 
 # Shades that captions usually call by their coarse colour, with those coarse colours.
 SHADE_CLASSES = tuple(sorted({*COARSE_COLOUR, *COARSE_COLOUR.values()}))
+SWATCH_SHAPE = "circle"
 
 
 def _single_object_scene(rng: np.random.Generator, **fixed) -> Scene:
@@ -105,12 +106,25 @@ def _shade_scene(label: int, rng: np.random.Generator) -> Scene:
                         style_weights={"shaded": 1.0, "flat": 1.0})
 
 
+def _swatch_scene(label: int, rng: np.random.Generator) -> Scene:
+    # synth_shades without its nuisances: one large circle on a plain background, so the shade is what varies
+    # most between images (on synth_shades the object's shape dominates the mini CLIP's image features).
+    return sample_scene(rng, shape=SWATCH_SHAPE, colour=SHADE_CLASSES[label], count=1, size="large",
+                        texture="plain", style_weights={"shaded": 1.0, "flat": 1.0})
+
+
+def _swatch_sketch_scene(label: int, rng: np.random.Generator) -> Scene:
+    # Same draws as synth_swatches, so image i of a split is the sketch of synth_swatches' image i.
+    return dataclasses.replace(_swatch_scene(label, rng), style="sketch")
+
+
 def _texture_scene(label: int, rng: np.random.Generator) -> Scene:
     return sample_scene(rng, texture=TEXTURES[label], style_weights=COMMON_STYLE_WEIGHTS)
 
 
 DEFAULT_IMAGES_PER_CLASS = {"train": 100, "val": 20, "test": 50}
 SHAPE_TEMPLATES = ("a picture of a {}.", "an image of a {}.", "a drawing of a {}.", "a {}.")
+SWATCH_TEMPLATES = ("a {} circle.", "a picture of a {} circle.", "a {} shape.")
 
 TASKS: dict[str, TaskSpec] = {
     task.name: task
@@ -141,6 +155,20 @@ TASKS: dict[str, TaskSpec] = {
             classnames=SHADE_CLASSES,
             templates=("a {} shape.", "a picture of a {} shape.", "a {} object."),
             scene_for_class=_shade_scene,
+            images_per_class=DEFAULT_IMAGES_PER_CLASS,
+        ),
+        TaskSpec(
+            name="synth_swatches",
+            classnames=SHADE_CLASSES,
+            templates=SWATCH_TEMPLATES,
+            scene_for_class=_swatch_scene,
+            images_per_class=DEFAULT_IMAGES_PER_CLASS,
+        ),
+        TaskSpec(
+            name="synth_swatches_sketch",
+            classnames=SHADE_CLASSES,
+            templates=("a sketch of a {} circle.", *SWATCH_TEMPLATES),
+            scene_for_class=_swatch_sketch_scene,
             images_per_class=DEFAULT_IMAGES_PER_CLASS,
         ),
         TaskSpec(
@@ -195,15 +223,19 @@ def _move_into_place(staging: Path, destination: Path) -> None:
         os.replace(staging, destination)
 
 
+def task_scene(spec: TaskSpec, split: str, label: int, index: int, seed: int = 0) -> Scene:
+    """The scene of image `index` of class `label` in `split` (file `<index>.png` of the task rendered with
+    `seed`): seeded by position, not by a running stream, so any image can be regenerated on its own."""
+    return spec.scene_for_class(label, np.random.default_rng([seed, SPLITS.index(split), label, index]))
+
+
 def _render_split(spec: TaskSpec, folder: Path, split: str, count: int, seed: int, image_size: int) -> None:
-    split_id = SPLITS.index(split)
     for label, classname in enumerate(spec.classnames):
         class_dir = folder / split / class_folder(classname)
         class_dir.mkdir(parents=True)
         for index in range(count):
-            # Seeded by position, not by a running stream: any image can be regenerated on its own.
-            rng = np.random.default_rng([seed, split_id, label, index])
-            render(spec.scene_for_class(label, rng), image_size).save(class_dir / f"{index:04d}.png", compress_level=1)
+            scene = task_scene(spec, split, label, index, seed)
+            render(scene, image_size).save(class_dir / f"{index:04d}.png", compress_level=1)
 
 
 def materialize(

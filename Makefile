@@ -23,7 +23,11 @@ demo: install
 	$(PY) run.py -m experiment=demo
 	$(PY) run.py -m experiment=demo_base2new
 	$(PY) run.py -m experiment=demo_vit
+	$(PY) run.py -m experiment=demo_beyond_labels
+	$(PY) run.py -m experiment=demo_upl
+	$(PY) run.py -m experiment=demo_ship
 	$(VENV)/bin/promptbench report outputs/demo --out outputs/demo
+	$(VENV)/bin/promptbench report outputs/demo --metric robust_top1 --out outputs/demo/robust
 
 # Two workers, one test file each at a time (module fixtures such as the SLURM cluster stay in one process).
 test: install

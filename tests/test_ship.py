@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import build_method, composed, find_results, run_py
+from conftest import REPO, build_method, composed, find_results, run_py
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.datasets import FolderDataset
 from promptbench.data.features import FeatureStore
@@ -229,3 +229,19 @@ def test_ship_coop_learns_the_label_only_classes_better_than_coop_on_the_mini_wo
     top1 = {method: {name: values["top1"] for name, values in sets.items()} for method, sets in metrics.items()}
     assert top1["ship_coop"]["new"] >= top1["coop"]["new"] + 3, top1
     assert top1["ship_coop"]["harmonic_mean"] > top1["coop"]["harmonic_mean"], top1
+
+
+@pytest.mark.parametrize("base", ["tip_adapter", "tip_adapter_f", "clip_adapter"])
+def test_ship_variants_get_their_base_methods_published_settings_on_every_dataset(base):
+    """Recipes are looked up by method name: each recipe of the base method needs its ship_ twin, composing to the
+    same settings, or SHIP on that dataset would silently run the base method's generic defaults."""
+    recipes = REPO / "conf" / "recipe"
+    datasets = [path.stem[len(base) + 1:] for path in recipes.glob(f"{base}_*.yaml")
+                if not path.stem[len(base) + 1:].startswith("f_")]
+    for dataset in datasets:
+        assert (recipes / f"ship_{base}_{dataset}.yaml").is_file(), f"conf/recipe/ship_{base}_{dataset}.yaml is missing"
+        plain, ship = (composed((f"method={name}", f"dataset={dataset}")) for name in (base, f"ship_{base}"))
+        settings = [{key: value for key, value in OmegaConf.to_container(cfg.method).items()
+                     if key not in ("_target_", "name", "ship")} for cfg in (plain, ship)]
+        assert settings[0] == settings[1], dataset
+        assert plain.trainer.max_epochs == ship.trainer.max_epochs and plain.get("optim") == ship.get("optim"), dataset

@@ -785,6 +785,61 @@ def bench_backbone(name: str, device: torch.device) -> Backbone:
 
 
 # ---- output ---------------------------------------------------------------------------------------------
+SECTION_NOTES = {
+    "real_shapes": (
+        "Training steps at CLIP's text shapes (random weights, 77-token context, 16 context vectors for CoOp, "
+        "CoCoOp's 4, MaPLe's 2 + deep prompts), batch 32. `reference`: the official style (prompt embeddings built "
+        "once, every class through all 77 tokens; CoCoOp: its per-image loop); `full`: promptbench's pass truncated "
+        "after the longest EOS; `shared_prefix`: [SOS][context] run once, the class tokens alone (`speed.shared_prefix`); "
+        "`+chunkN`: `speed.text_chunk=N` (chunks of N prompts recomputed in backward). `peak_mb`: the most memory the "
+        "step's tensors hold at once (CUDA allocator peak, or live tensors counted on CPU). `reference_measured_on`: "
+        "a reference too large for the machine is measured on part of the classes or images and its time and memory "
+        "scaled (both linear in them). `max_logit_diff`: against the reference's logits, same parameters."),
+    "imagenet_epoch": (
+        "A CoOp 16-shot ImageNet step per batch of 32 (frozen RN50 image tower, shared-prefix text step over 1000 "
+        "classes, SGD) on synthetic JPEGs of ImageNet-like size, images decoded and augmented (RandomResizedCrop, "
+        "flip, normalisation) by CPU DataLoader workers or on the device (torchvision.io.decode_jpeg). Projected to "
+        "an epoch of 16 000 images, and end to end to 50 epochs (the recipe, KaiyangZhou/CoOp rn50_ep50.yaml) and "
+        "200 epochs, each plus one test pass over 50 000 images. Published cost (protocol.md, section 6): CoOp "
+        "ImageNet 16-shot RN50 on one GPU, 14 h 40 min for 200 epochs."),
+}
+
+
+def real_shapes_summary(rows: list[dict]) -> list[str]:
+    """The issue's targets at ViT-B/16 shapes, met or not, and the CoOp ImageNet projection from RN50's step."""
+    found = {(row["method"], row["model"], row["n_cls"], row["text_pass"].split("+chunk")[0]
+              + ("+chunk" if "+chunk" in row["text_pass"] else "")): row for row in rows}
+    vit, lines = "ViT-B-16-quickgelu", []
+
+    def verdict(value: float, target: float, above: bool) -> str:
+        return "met" if (value >= target if above else value <= target) else "NOT met"
+
+    coop = found.get(("coop", vit, 100, "shared_prefix"))
+    if coop:
+        lines.append(f"- CoOp step, n_cls 100, shared prefix vs reference: {coop['speedup']:.1f}x wall "
+                     f"({found[('coop', vit, 100, 'reference')]['step_cpu_ms'] / coop['step_cpu_ms']:.1f}x CPU time); "
+                     f"target >= 10x: {verdict(coop['speedup'], 10, True)}.")
+    batched = [found[key] for key in (("cocoop", vit, 100, "shared_prefix"), ("cocoop", vit, 100, "shared_prefix+chunk"))
+               if key in found]
+    if batched:
+        best = max(batched, key=lambda row: row["speedup"])
+        lines.append(f"- CoCoOp batched ({best['text_pass']}) vs the per-image loop, n_cls 100, batch {best['batch']}: "
+                     f"{best['speedup']:.1f}x; target >= 5x: {verdict(best['speedup'], 5, True)}.")
+    chunked = found.get(("coop", vit, 1000, "shared_prefix+chunk"))
+    if chunked:
+        lines.append(f"- CoOp step, n_cls 1000, peak memory {chunked['text_pass']} / reference: "
+                     f"{chunked['peak_vs_reference']:.3f}; target <= 1/4: {verdict(chunked['peak_vs_reference'], 0.25, False)}.")
+    rn50 = found.get(("coop", "RN50-quickgelu", 1000, "shared_prefix"))
+    if rn50:
+        step_s = (rn50["step_ms"] + rn50["image_tower_ms"]) / 1e3
+        lines.append(f"- Projection, CoOp 16-shot ImageNet on RN50 from this step: 500 steps per epoch x "
+                     f"({rn50['image_tower_ms'] / 1e3:.2f} s image tower + {rn50['step_ms'] / 1e3:.2f} s text step) = "
+                     f"{500 * step_s / 3600:.2f} h per epoch, {50 * 500 * step_s / 3600:.1f} h for 50 epochs and "
+                     f"{200 * 500 * step_s / 3600:.1f} h for 200 (image decoding and the test pass not included: "
+                     f"section imagenet_epoch); published: 14 h 40 min for 200 epochs on one GPU.")
+    return lines
+
+
 def markdown(rows: list[dict], measured: dict[str, dict]) -> str:
     lines = ["# promptbench benchmarks", ""]
     for section in dict.fromkeys(row["section"] for row in rows):
@@ -794,11 +849,17 @@ def markdown(rows: list[dict], measured: dict[str, dict]) -> str:
         lines += [f"## {section}", "",
                   f"Measured {meta['date']} on {meta['device']['name']} ({meta['device']['type']}, "
                   f"{meta['device']['torch_threads']} torch threads), torch {meta['versions'].get('torch')}."
-                  f"{' SMOKE MODE: toy sizes, numbers mean nothing.' if meta['smoke'] else ''}", "",
-                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                  f"{' SMOKE MODE: toy sizes, numbers mean nothing.' if meta['smoke'] else ''}"
+                  f"{' ' + meta['note'] if meta.get('note') else ''}", ""]
+        if section in SECTION_NOTES:
+            lines += [SECTION_NOTES[section], ""]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in selected:
             lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
         lines.append("")
+        if section == "real_shapes":
+            summary = real_shapes_summary(selected)
+            lines += [*summary, ""] if summary else []
     return "\n".join(lines)
 
 

@@ -430,7 +430,8 @@ def _causal_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor,
     scores = torch.einsum("pslhd,psmhd->phslm", queries, keys) + mask.to(queries.dtype)
     if past is not None:
         scores = torch.cat([torch.einsum("pslhd,pmhd->phslm", queries, past[0]), scores], dim=-1)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    # in at least float32, as the fused attention kernels do for half precision
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
     length = keys.shape[2]
     out = torch.einsum("phslm,psmhd->pslhd", weights[..., -length:], values)
     if past is not None:

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 import torch
 
-from promptbench.tools.bench import bench_deep_prompts, main
+from promptbench.tools.bench import bench_deep_prompts, main, real_shapes_plan
 
 
 def test_bench_smoke_writes_tables_at_equal_logits(tmp_path):
@@ -74,3 +74,13 @@ def test_deep_prompt_steps_match_the_per_layer_reference():
         assert row["promptbench_ms"] > 0 and row["reference_ms"] > 0 and row["speedup"] > 0
         assert {"promptbench_peak_mb", "reference_peak_mb", "depth_text_image"} <= set(row)
         assert row["prompt_tokens"] < row["context_length"] == 77  # the reference runs all 77 tokens
+
+
+def test_the_gpu_run_covers_every_method_and_class_count_within_memory():
+    plan = real_shapes_plan(torch.device("cuda"), smoke=False)
+    assert {(method, model, n_cls) for method, model, n_cls, _ in plan} == {
+        (method, model, n_cls) for model in ("ViT-B-16-quickgelu", "RN50-quickgelu") for method in ("coop", "cocoop")
+        for n_cls in (100, 1000)} | {("maple", "ViT-B-16-quickgelu", n_cls) for n_cls in (100, 1000)}
+    for method, _, n_cls, variants in plan:
+        assert variants[0] == "reference" and "shared_prefix" in variants and "shared_prefix+chunk" in variants
+        assert ("full" in variants) != (method == "cocoop" and n_cls == 1000)  # 32 000 prompts: chunked only

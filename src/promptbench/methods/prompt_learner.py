@@ -185,7 +185,8 @@ class PromptLearner(nn.Module):
 
     def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None,
                       deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass.
+        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass (or,
+        for a shared prefix, one pass of the prefixes and one of the class-specific rest).
 
         `deep_prompts`: context for text layers 1, 2, ... (the deep scheme, `Backbone.encode_text_embeddings`),
         replacing the n_ctx context positions after SOS; needs class_token_position end.

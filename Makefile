@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo test bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: install
 
 bench: install
 	$(PY) -m promptbench.tools.bench --out experiments $(BENCH_ARGS)
+
+# On a GPU machine: the real-shape steps, the text tower's FLOP rate and the ImageNet-shaped epoch, bf16 autocast.
+bench-gpu: install
+	$(PY) -m promptbench.tools.bench --device cuda --out experiments --sections real_shapes text_flops imagenet_epoch \
+		--flops-classes 100 1000 $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -29,15 +29,18 @@ def logits_and_context_grad(method: CoOp, images: torch.Tensor, labels: torch.Te
     return logits.detach(), method.prompt_learner.ctx.grad.detach().clone()
 
 
-# maple: the deep text prompts go through the compiled tower too
-@pytest.mark.parametrize("name", ["coop", "maple"])
-def test_compiled_text_tower_gives_the_eager_logits_and_gradients_across_class_sets(name):
+# coop: the compiled full pass; maple: the compiled shared-prefix passes, with deep text prompts, against the eager
+# full pass
+@pytest.mark.parametrize("name, shared_prefix", [("coop", False), ("maple", True)])
+def test_compiled_text_tower_gives_the_eager_logits_and_gradients_across_class_sets(name, shared_prefix):
     torch.manual_seed(0)
     images, labels = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 3])
     eager = build_method(name, fresh_backbone(), CLASSNAMES, TEMPLATES, n_ctx=4)
-    compiled = build_method(name, fresh_backbone().accelerate(compile_text=True), CLASSNAMES, TEMPLATES, n_ctx=4)
+    compiled = build_method(name, fresh_backbone().accelerate(compile_text=True, shared_prefix=shared_prefix),
+                            CLASSNAMES, TEMPLATES, n_ctx=4)
     compiled.load_state_dict(eager.state_dict())
-    assert compiled.backbone.describe()["speed"] == {"compile_text": True, "channels_last": False}
+    assert compiled.backbone.describe()["speed"] == {"compile_text": True, "channels_last": False,
+                                                     "shared_prefix": shared_prefix, "text_chunk": None}
     for method in (eager, compiled):
         with torch.no_grad():
             method.prompt_learner.ctx.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))

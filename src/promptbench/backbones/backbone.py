@@ -7,11 +7,13 @@ import logging
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from promptbench.backbones import lora, weights
 from promptbench.errors import PromptbenchError
@@ -69,8 +71,9 @@ class Backbone(nn.Module):
         self.std = tuple(float(v) for v in std)
         self.fingerprint = fingerprint
         self.text_pool_type = getattr(model, "text_pool_type", "argmax")
-        self.speed = {"compile_text": False, "channels_last": False}
+        self.speed = {"compile_text": False, "channels_last": False, "shared_prefix": False, "text_chunk": None}
         self._text_tower = self._run_text_tower
+        self._prefix_tower, self._suffix_tower = self._run_prefix, self._run_suffixes
         if self.text_pool_type not in ("argmax", "eos"):
             raise PromptbenchError(
                 f"backbone '{name}' pools its text features with '{self.text_pool_type}'; promptbench's prompt "
@@ -112,19 +115,30 @@ class Backbone(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
-    def accelerate(self, compile_text: bool = False, channels_last: bool = False) -> "Backbone":
-        """Speed options that leave the numbers unchanged up to float rounding (equality-tested).
+    def accelerate(self, compile_text: bool = False, channels_last: bool = False, shared_prefix: bool = False,
+                   text_chunk: int | None = None) -> "Backbone":
+        """Execution options that leave the numbers unchanged up to float rounding (equality-tested).
 
-        `compile_text`: torch.compile the text transformer. It specialises to the first prompt length (on CPU
-        1.8x faster than compiling for dynamic shapes); another class set's length recompiles once, dynamically.
+        `compile_text`: torch.compile the text transformer (the full pass and the shared-prefix passes). It
+        specialises to the first prompt length (on CPU 1.8x faster than compiling for dynamic shapes); another
+        class set's length recompiles once, dynamically.
         `channels_last`: NHWC memory layout for the image tower, which convolution kernels prefer (RN towers).
+        These two change the backbone and stay on once set.
+        `shared_prefix`: prompts that start with the same tokens run them once (`encode_shared_prefix`).
+        `text_chunk`: encode at most this many prompts at a time, each chunk under activation checkpointing when
+        gradients are recorded, so the text step's peak memory grows with the chunk, not with the class count
+        (None: all at once). These two are read at every call and follow the latest setting.
         """
-        wanted = {"compile_text": bool(compile_text), "channels_last": bool(channels_last)}
-        if wanted["compile_text"] and not self.speed["compile_text"]:
+        if text_chunk is not None and int(text_chunk) < 1:
+            raise PromptbenchError(f"speed.text_chunk must be a positive number of prompts or null (off), got {text_chunk}")
+        if compile_text and not self.speed["compile_text"]:
             self._text_tower = torch.compile(self._run_text_tower)
-        if wanted["channels_last"] and not self.speed["channels_last"]:
+            self._prefix_tower, self._suffix_tower = torch.compile(self._run_prefix), torch.compile(self._run_suffixes)
+        if channels_last and not self.speed["channels_last"]:
             self.model.visual.to(memory_format=torch.channels_last)
-        self.speed = {option: self.speed[option] or wanted[option] for option in self.speed}
+        self.speed = {"compile_text": self.speed["compile_text"] or bool(compile_text),
+                      "channels_last": self.speed["channels_last"] or bool(channels_last),
+                      "shared_prefix": bool(shared_prefix), "text_chunk": None if text_chunk is None else int(text_chunk)}
         return self
 
     def encode_image(self, images: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -269,9 +283,7 @@ class Backbone(nn.Module):
             x = x.transpose(0, 1)
         for layer, block in enumerate(transformer.resblocks):
             if 0 < layer < len(deep_prompts):
-                prompt = _per_sample(deep_prompts[layer], x)
-                stop = start + prompt.shape[1]
-                x = torch.cat([x[:, :start], prompt, x[:, stop:]] if stop else [x[:, :start], prompt], dim=1)
+                x = _with_prompt(x, deep_prompts[layer], start)
             x = block(x if transformer.batch_first else x.transpose(0, 1), attn_mask=attn_mask)
             x = x if transformer.batch_first else x.transpose(0, 1)
         return x
@@ -301,7 +313,73 @@ class Backbone(nn.Module):
         length = int(eos.max()) + 1
         if deep_prompts:
             self.check_prompt_depth("text", len(deep_prompts))
-        return self._text_tower(embeddings[:, :length], eos.to(embeddings.device), tuple(deep_prompts))
+        embeddings, eos = embeddings[:, :length], eos.to(embeddings.device)
+
+        def encode(part: slice) -> torch.Tensor:
+            prompts = tuple(p[part] if p.dim() == 3 else p for p in deep_prompts)
+            return self._text_tower(embeddings[part], eos[part], prompts)
+
+        return self._in_chunks(encode, len(embeddings), prompts_per_item=1, dim=0)
+
+    def encode_shared_prefix(self, prefixes: torch.Tensor, suffixes: torch.Tensor, eos: torch.Tensor,
+                             deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Text features [P, S, embed_dim] of the P x S prompts "prefix p, then suffix s": prefixes [P, Lp, ctx_dim]
+        (e.g. SOS + learned context, one per image for CoCoOp), suffixes [S, Ls, ctx_dim] (e.g. class name + "." +
+        EOS) whose EOS tokens sit at positions `eos` [S] of the suffix. Equal to `encode_text_embeddings` of the
+        concatenations.
+
+        With `speed.shared_prefix`, attention being causal, a prefix's hidden states are the same in all S of its
+        prompts at every layer: each prefix runs once, and the suffixes run alone, attending to their prefix's
+        keys and values (`_causal_block`); gradients reach the prefix through its one pass. Without the option,
+        or on a text tower that this scheme does not cover (`shared_prefix_blocker`), the concatenated prompts
+        take the full pass. `deep_prompts` as in `encode_text_embeddings`, [n, ctx_dim] or one per prefix
+        [P, n, ctx_dim]: they replace tokens of the prefix, which its one pass covers.
+        """
+        n_prefixes, n_suffixes = len(prefixes), len(suffixes)
+        if not self.speed["shared_prefix"] or self.shared_prefix_blocker() is not None:
+            full = torch.cat([prefixes.unsqueeze(1).expand(-1, n_suffixes, -1, -1),
+                              suffixes.expand(n_prefixes, -1, -1, -1)], dim=2).flatten(0, 1)
+            per_sequence = [p.repeat_interleave(n_suffixes, dim=0) if p.dim() == 3 else p for p in deep_prompts]
+            features = self.encode_text_embeddings(full, (eos.to(full.device) + prefixes.shape[1]).repeat(n_prefixes),
+                                                   per_sequence)
+            return features.view(n_prefixes, n_suffixes, -1)
+        if deep_prompts:
+            self.check_prompt_depth("text", len(deep_prompts))
+        eos = eos.to(suffixes.device)
+        suffixes = suffixes[:, : int(eos.max()) + 1]
+        past = self._prefix_tower(prefixes, tuple(deep_prompts))
+        return self._in_chunks(lambda part: self._suffix_tower(suffixes[part], eos[part], past), n_suffixes,
+                               prompts_per_item=n_prefixes, dim=1)
+
+    def shared_prefix_blocker(self) -> str | None:
+        """Why the text tower cannot run prompts as shared prefix + suffixes (None: it can). `_causal_block`
+        computes open_clip's standard block from its weights: plain causal multi-head self-attention."""
+        model = self.model
+        mask = model.attn_mask
+        if not isinstance(mask, torch.Tensor) or not torch.equal(
+                torch.isneginf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)):
+            return "the text tower has no causal attention mask"
+        for index, block in enumerate(model.transformer.resblocks):
+            attention = getattr(block, "attn", None)
+            if type(block) is not open_clip.transformer.ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+                return f"text block {index} is a {type(block).__name__}, not open_clip's ResidualAttentionBlock"
+            if not (isinstance(attention, nn.MultiheadAttention) and attention.in_proj_weight is not None
+                    and attention.bias_k is None and not attention.add_zero_attn):
+                return (f"text block {index} attends with a {type(attention).__name__} (e.g. low-rank adapters), not "
+                        f"the standard nn.MultiheadAttention")
+        return None
+
+    def _in_chunks(self, encode: Callable[[slice], torch.Tensor], items: int, prompts_per_item: int,
+                   dim: int) -> torch.Tensor:
+        """`encode(slice(None))`, or with `speed.text_chunk` the concatenation (along `dim`) of `encode` on slices
+        of the items worth at most text_chunk prompts each (at least one item), each checkpointed (recomputed in
+        backward) when gradients are recorded: only one chunk's activations are ever alive."""
+        chunk = self.speed["text_chunk"]
+        step = max(1, chunk // prompts_per_item) if chunk else items
+        if step >= items:
+            return encode(slice(None))
+        run = (lambda part: checkpoint(encode, part, use_reentrant=False)) if torch.is_grad_enabled() else encode
+        return torch.cat([run(slice(start, start + step)) for start in range(0, items, step)], dim=dim)
 
     def _run_text_tower(self, embeddings: torch.Tensor, eos: torch.Tensor,
                         deep_prompts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
@@ -312,8 +390,34 @@ class Backbone(nn.Module):
             x = self._prompted_blocks(model.transformer, x, deep_prompts, start=1, attn_mask=mask)
         else:
             x = model.transformer(x, attn_mask=mask)
+        return self._text_head(x[torch.arange(x.shape[0], device=x.device), eos])
+
+    def _run_prefix(self, prefixes: torch.Tensor, deep_prompts: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values [P, Lp, heads, head_dim] of every text layer for prefixes [P, Lp, ctx_dim]."""
+        model, length = self.model, prefixes.shape[1]
+        x = (prefixes.to(self.dtype) + model.positional_embedding[:length].to(self.dtype)).unsqueeze(1)
+        past = []
+        for layer, block in enumerate(model.transformer.resblocks):
+            if 0 < layer < len(deep_prompts):
+                x = _with_prompt(x.squeeze(1), deep_prompts[layer], start=1).unsqueeze(1)
+            x, (keys, values) = _causal_block(block, x, model.attn_mask[:length, :length])
+            past.append((keys.squeeze(1), values.squeeze(1)))
+        return past
+
+    def _run_suffixes(self, suffixes: torch.Tensor, eos: torch.Tensor,
+                      past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Features [P, S, embed_dim] of suffixes [S, Ls, ctx_dim] behind each of the P prefixes of `past`."""
+        model, start, length = self.model, past[0][0].shape[1], suffixes.shape[1]
+        x = suffixes.to(self.dtype) + model.positional_embedding[start : start + length].to(self.dtype)
+        x = x.expand(len(past[0][0]), -1, -1, -1)
+        for block, layer_past in zip(model.transformer.resblocks, past):
+            x, _ = _causal_block(block, x, model.attn_mask[:length, :length], layer_past)
+        return self._text_head(x[:, torch.arange(x.shape[1], device=x.device), eos])
+
+    def _text_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and projection of the EOS tokens' hidden states."""
+        model = self.model
         x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eos]
         if isinstance(model.text_projection, nn.Linear):
             return model.text_projection(x)
         return x @ model.text_projection
@@ -356,6 +460,42 @@ def _per_sample(prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Prompt tokens [n, d] shared by every sequence of `x`, or already one set per sequence [B, n, d]."""
     prompt = prompt.to(x.dtype)
     return prompt.expand(x.shape[0], -1, -1) if prompt.dim() == 2 else prompt
+
+
+def _with_prompt(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
+    """Batch-first `x` with its n tokens from position `start` (negative: from the end) replaced by `prompt`."""
+    prompt = _per_sample(prompt, x)
+    stop = start + prompt.shape[1]
+    return torch.cat([x[:, :start], prompt, x[:, stop:]] if stop else [x[:, :start], prompt], dim=1)
+
+
+def _causal_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                  past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """open_clip's ResidualAttentionBlock, computed from its weights, on new tokens x [P, S, L, width]: S sequences
+    behind each of P prefixes. Each token attends to the earlier new tokens of its sequence (`mask`: the tower's
+    causal mask [L, L]) and to every token of its prefix (`past`: the prefix's keys and values [P, Lp, heads,
+    head_dim] at this layer, or None for no prefix). Returns the block's output and the new tokens' keys and values.
+
+    The prefix's keys are contracted per prefix (einsum), never copied once per sequence, so the memory of the
+    suffix pass does not grow with the prefix length. The layout of open_clip's blocks (batch_first or not) does
+    not matter: only their weights are used.
+    """
+    attention = block.attn
+    queries, keys, values = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias).unflatten(
+        -1, (3, attention.num_heads, -1)).unbind(-3)  # each [P, S, L, heads, head_dim]
+    queries = queries * queries.shape[-1] ** -0.5
+    scores = torch.einsum("pslhd,psmhd->phslm", queries, keys) + mask.to(queries.dtype)
+    if past is not None:
+        scores = torch.cat([torch.einsum("pslhd,pmhd->phslm", queries, past[0]), scores], dim=-1)
+    # in at least float32, as the fused attention kernels do for half precision
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
+    length = keys.shape[2]
+    out = torch.einsum("phslm,psmhd->pslhd", weights[..., -length:], values)
+    if past is not None:
+        out = out + torch.einsum("phslm,pmhd->pslhd", weights[..., :-length], past[1])
+    x = x + block.ls_1(attention.out_proj(out.flatten(-2)))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, (keys, values)
 
 
 def _file_sha256(path: Path) -> str:

@@ -4,7 +4,10 @@ Prompt layout of the reference CoOp: [SOS][V1..VM][class-name tokens][.][EOS], w
 the end, in the middle (between the two halves of the context) or at the front. Class names are
 tokenised once per class set and their embeddings kept as buffers; only the context is a Parameter.
 Buffers stop after the longest prompt's EOS: attention is causal, so the EOS feature never depends on
-the padding behind it and the text encoder sees ~20 tokens instead of 77.
+the padding behind it and the text encoder sees ~20 tokens instead of 77. With one context for all classes
+and the class name at the end, every prompt starts with the same tokens ([SOS][V1..VM], and any fixed words
+that all class prompts continue with): the backbone runs that shared prefix once and only the class-specific
+rest per class (`Backbone.encode_shared_prefix`, option `speed.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -143,6 +146,11 @@ class PromptLearner(nn.Module):
         self.register_buffer("eos", eos.to(device), persistent=False)
         order = token_order(self.class_token_position, n_ctx, name_lengths.tolist(), length)
         self.register_buffer("order", None if order is None else order.to(device), persistent=False)
+        # Tokens after the context that every class prompt has in common (fixed words of ctx_init "first_n_ctx"):
+        # they belong to the shared prefix. Every class keeps at least its EOS token out of it.
+        rest = tokens[:, 1 + n_ctx : length]
+        common = int((rest == rest[:1]).all(dim=0).int().cumprod(dim=0).sum())
+        self.shared_words = min(common, int(eos.min()) - 1 - n_ctx)
         self.classnames = classnames
 
     def prompts(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,18 +191,37 @@ class PromptLearner(nn.Module):
         """Unnormalised text features [B, embed_dim] of `class_prompts(labels, ctx)`, in one encoder pass."""
         return backbone.encode_text_embeddings(self.class_prompts(labels, ctx), self.eos[labels])
 
+    def shares_prefix(self, ctx: torch.Tensor) -> bool:
+        """Whether every class prompt of context `ctx` starts with the same tokens: one context for all classes
+        ([M, d], or [B, 1, M, d] one per image) and the class name at the end."""
+        return self.order is None and (ctx.dim() == 2 or ctx.shape[-3] == 1)
+
     def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None,
                       deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass.
+        """Unnormalised text features [*batch, n_cls, embed_dim] of the prompts of `ctx`, in one encoder pass (or,
+        for a shared prefix, one pass of the prefixes and one of the class-specific rest).
 
         `deep_prompts`: context for text layers 1, 2, ... (the deep scheme, `Backbone.encode_text_embeddings`),
         replacing the n_ctx context positions after SOS; needs class_token_position end.
+        Prompts that share a prefix (`shares_prefix`) go through `Backbone.encode_shared_prefix`, the others
+        through the full pass; the two give equal features.
         """
+        ctx = self.ctx if ctx is None else ctx
+        layers = (self.ctx, *deep_prompts) if deep_prompts else ()
+        n_cls = self.token_prefix.shape[0]
+        if self.shares_prefix(ctx):
+            batch = ctx.shape[:-3]
+            contexts = ctx.to(self.token_prefix.dtype).reshape(-1, *ctx.shape[-2:])  # [P, M, d]
+            shared, n_prefixes = self.shared_words, len(contexts)
+            prefixes = torch.cat([self.token_prefix[:1].expand(n_prefixes, -1, -1), contexts,
+                                  self.token_suffix[:1, :shared].expand(n_prefixes, -1, -1)], dim=1)
+            features = backbone.encode_shared_prefix(prefixes, self.token_suffix[:, shared:],
+                                                     self.eos - prefixes.shape[1], deep_prompts=layers)
+            return features.view(*batch, n_cls, -1)
         prompts = self.prompts(ctx)
-        batch, n_cls = prompts.shape[:-3], prompts.shape[-3]
+        batch = prompts.shape[:-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         eos = self.eos.repeat(flat.shape[0] // n_cls)
-        layers = (self.ctx, *deep_prompts) if deep_prompts else ()
         return backbone.encode_text_embeddings(flat, eos, deep_prompts=layers).view(*batch, n_cls, -1)
 
 

@@ -3,8 +3,9 @@
 
 Written from the official code, not from `Backbone` (muzairkhattak/multimodal-prompt-learning clip/model.py:
 TextEncoder, VisionTransformer_MaPLe, ResidualAttentionBlock_MaPLe; CoOp's TextEncoder is the same without deep
-prompts). Every call tokenises `phrase + " " + name + "."` to the full context length (77 for CLIP) and runs
-every class through all of it; the activations are sequence-first [L, N, D] and the prompts of each layer are
+prompts). The prompts `phrase + " " + name + "."` are tokenised to the full context length (77 for CLIP), once
+(`reference_prompts`, as the reference's prompt learner does) or at every call (`reference_text_features`), and
+every class runs through all of it; the activations are sequence-first [L, N, D] and the prompts of each layer are
 concatenated in that layout before the layer. Only open_clip's modules are used (its blocks are batch-first
 since open_clip 2.x, so each block is called on a transposed view).
 """
@@ -27,21 +28,28 @@ def _block(transformer: nn.Module, block: nn.Module, x: torch.Tensor, attn_mask:
     return block(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
 
 
-def reference_text_features(backbone: Backbone, classnames: Sequence[str], ctx: torch.Tensor,
-                            deeper: Sequence[torch.Tensor] = (), phrase: str | None = None) -> torch.Tensor:
-    """Unnormalised text features [n_cls, embed_dim] of `phrase + " " + name + "."` (default phrase: one "X" per
-    context vector), tokenised at every call to the full context length; token positions 1..n_ctx are the
-    context `ctx` ([n_ctx, d], or [1, n_ctx, d]) at the input, and `deeper[i-1]` ([n_ctx, d]) at the input of
-    text block i for 1 <= i <= len(deeper); the EOT feature @ text_projection."""
+def reference_prompts(backbone: Backbone, classnames: Sequence[str], n_ctx: int,
+                      phrase: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the reference's prompt learner builds once: the token ids [n_cls, context_length] of
+    `phrase + " " + name + "."` (default phrase: one "X" per context vector) and their embeddings."""
     model = backbone.model
-    n_ctx = ctx.shape[-2]
     names = [name.replace("_", " ") for name in classnames]
     phrase = " ".join(["X"] * n_ctx) if phrase is None else phrase
-    device = model.token_embedding.weight.device
-    tokens = open_clip.tokenize([f"{phrase} {name}." for name in names],
-                                context_length=backbone.context_length).to(device)
-    embedding = model.token_embedding(tokens)
-    ctx = ctx.reshape(1, n_ctx, -1).expand(len(names), -1, -1).to(embedding.dtype)
+    tokens = open_clip.tokenize([f"{phrase} {name}." for name in names], context_length=backbone.context_length)
+    tokens = tokens.to(model.token_embedding.weight.device)
+    with torch.no_grad():
+        return tokens, model.token_embedding(tokens)
+
+
+def reference_text_tower(backbone: Backbone, tokens: torch.Tensor, embedding: torch.Tensor, ctx: torch.Tensor,
+                         deeper: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Unnormalised text features [n_cls, embed_dim] of the prompts of `reference_prompts`, every class through
+    the full context length: token positions 1..n_ctx are the context `ctx` ([n_ctx, d], or [1, n_ctx, d]) at the
+    input, and `deeper[i-1]` ([n_ctx, d]) at the input of text block i for 1 <= i <= len(deeper); the EOT feature
+    @ text_projection."""
+    model = backbone.model
+    n_ctx, n_cls = ctx.shape[-2], len(tokens)
+    ctx = ctx.reshape(1, n_ctx, -1).expand(n_cls, -1, -1).to(embedding.dtype)
     x = torch.cat([embedding[:, :1], ctx, embedding[:, 1 + n_ctx:]], dim=1) + model.positional_embedding
     x = x.permute(1, 0, 2)  # NLD -> LND
     for i, block in enumerate(model.transformer.resblocks):
@@ -50,7 +58,13 @@ def reference_text_features(backbone: Backbone, classnames: Sequence[str], ctx: 
             x = torch.cat([x[:1], context, x[1 + n_ctx:]], dim=0)
         x = _block(model.transformer, block, x, attn_mask=model.attn_mask)
     x = model.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(len(names), device=device), tokens.argmax(dim=-1)] @ model.text_projection
+    return x[torch.arange(n_cls, device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+def reference_text_features(backbone: Backbone, classnames: Sequence[str], ctx: torch.Tensor,
+                            deeper: Sequence[torch.Tensor] = (), phrase: str | None = None) -> torch.Tensor:
+    """`reference_text_tower` of prompts tokenised at this call (`reference_prompts`)."""
+    return reference_text_tower(backbone, *reference_prompts(backbone, classnames, ctx.shape[-2], phrase), ctx, deeper)
 
 
 def reference_image_features(backbone: Backbone, images: torch.Tensor,

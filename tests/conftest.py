@@ -96,3 +96,30 @@ def build_method(name: str, backbone, classnames, templates, *, overrides: Seque
 def epochs_of(name: str, *overrides: str) -> int | None:
     """The trainer.max_epochs a run of `method=name` gets."""
     return composed((f"method={name}", *overrides)).trainer.max_epochs
+
+
+def feature_top1(method, test) -> float:
+    """Top-1 (percent) of a method that consumes features on a FeatureSet."""
+    with torch.no_grad():
+        return 100.0 * (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
+
+
+def mini_world_fewshot(tmp_path_factory, task: str, shots: int, store):
+    """A mini-world task's K-shot split (seed 1) with the bundled mini CLIP: the task, backbone, feature `store`,
+    test features and zero-shot top-1, for the learning tests of methods that consume features."""
+    from types import SimpleNamespace
+
+    from promptbench.backbones import load_backbone
+    from promptbench.data.datamodule import FewShotDataModule
+    from promptbench.data.datasets import SyntheticDataset
+    from promptbench.protocols import FewShot
+
+    dataset = SyntheticDataset(tmp_path_factory.getbasetemp() / "synthetic", task=task)
+    random.seed(1)
+    fewshot = FewShot().build(dataset, shots)
+    backbone = load_backbone("mini", "promptbench-mini", "bundled")
+    zeroshot = build_method("zeroshot", backbone, fewshot.train.classnames, fewshot.train.templates)
+    test = FewShotDataModule(fewshot.sets(), fewshot.source, backbone, zeroshot.contract(), device=torch.device("cpu"),
+                             feature_store=store, eval_batch_size=16, seed=1).features("test")
+    return SimpleNamespace(task=fewshot, backbone=backbone, store=store, test=test,
+                           zeroshot=feature_top1(zeroshot, test))

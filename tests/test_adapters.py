@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_method, epochs_of, find_results, run_py
+from conftest import build_method, epochs_of, feature_top1, find_results, mini_world_fewshot, run_py
 from promptbench.contract import FeatureSet, Views
 from promptbench.data.datamodule import FewShotDataModule
 from promptbench.data.datasets import FolderDataset
@@ -372,24 +372,8 @@ def test_each_method_beats_chance_on_a_small_learnable_task(name, tmp_path_facto
 @pytest.fixture(scope="module")
 def swatches(tmp_path_factory):
     """synth_swatches at 16 shots (seed 1) with the bundled mini CLIP, its test features and zero-shot accuracy."""
-    import random
-
-    from promptbench.backbones import load_backbone
-    from promptbench.data.datasets import SyntheticDataset
-
-    dataset = SyntheticDataset(tmp_path_factory.getbasetemp() / "synthetic", task="synth_swatches")
-    random.seed(1)
-    few = FewShot().build(dataset, 16)
-    backbone = load_backbone("mini", "promptbench-mini", "bundled")
-    store = RecordingStore(tmp_path_factory.mktemp("swatch_features"))
-    zeroshot = build_method("zeroshot", backbone, few.train.classnames, few.train.templates)
-    test = datamodule_for(zeroshot, few, backbone, store).features("test")
-    return SimpleNamespace(task=few, backbone=backbone, store=store, test=test, zeroshot=top1(zeroshot, test))
-
-
-def top1(method, test: FeatureSet) -> float:
-    with torch.no_grad():
-        return 100.0 * (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
+    return mini_world_fewshot(tmp_path_factory, "synth_swatches", 16,
+                              RecordingStore(tmp_path_factory.mktemp("swatch_features")))
 
 
 # Gains over zero-shot (69.6) at 16 shots measured with these very settings for seeds 1, 2, 3: Tip-Adapter
@@ -413,4 +397,4 @@ def test_each_family_beats_zero_shot_on_synth_swatches(name, swatches):
         fit(method, datamodule, epochs=epochs)
     else:
         method.prepare(datamodule.provider)
-    assert top1(method, swatches.test) >= swatches.zeroshot + SWATCH_MARGIN[name], (name, swatches.zeroshot)
+    assert feature_top1(method, swatches.test) >= swatches.zeroshot + SWATCH_MARGIN[name], (name, swatches.zeroshot)

@@ -4,14 +4,13 @@ trainers/adapters.py, geekyutao/TaskRes trainers/taskres.py), their training, sa
 from __future__ import annotations
 
 import math
-import random
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_method, composed, epochs_of, find_results, run_py
+from conftest import build_method, composed, epochs_of, feature_top1, find_results, mini_world_fewshot, run_py
 from torch.utils.data import DataLoader, TensorDataset
 
 from promptbench.config import check_run_config
@@ -355,23 +354,7 @@ def test_bad_options_are_clear_errors(tiny_backbone):
 @pytest.fixture(scope="module")
 def shades(tmp_path_factory):
     """synth_shades at 16 shots with the bundled mini CLIP, its zero-shot accuracy, and one feature cache."""
-    from promptbench.backbones import load_backbone
-    from promptbench.data.datasets import SyntheticDataset
-
-    dataset = SyntheticDataset(tmp_path_factory.getbasetemp() / "synthetic", task="synth_shades")
-    random.seed(1)
-    task = FewShot().build(dataset, 16)
-    backbone = load_backbone("mini", "promptbench-mini", "bundled")
-    store = FeatureStore(tmp_path_factory.mktemp("shades_features"))
-    zeroshot = build_method("zeroshot", backbone, task.train.classnames, task.train.templates)
-    test = datamodule_for(zeroshot, task, backbone, store).features("test")
-    return SimpleNamespace(task=task, backbone=backbone, store=store, test=test,
-                           zeroshot=accuracy(zeroshot, test))
-
-
-def accuracy(method, test: FeatureSet) -> float:
-    with torch.no_grad():
-        return 100.0 * (method(test.features).argmax(dim=-1) == test.labels).float().mean().item()
+    return mini_world_fewshot(tmp_path_factory, "synth_shades", 16, FeatureStore(tmp_path_factory.mktemp("shades_features")))
 
 
 # Measured (100 epochs of each recipe, seed 1): zero-shot 73.8, ZS-LP 82.2, TaskRes 78.0, CLAP 75.2. CLAP's
@@ -384,7 +367,7 @@ MARGIN = {"zs_linear_probe": 4.0, "taskres": 2.0, "clap": 0.5}
 def test_each_beats_zero_shot_on_synth_shades(name, shades):
     method = build_method(name, shades.backbone, shades.task.train.classnames, shades.task.train.templates)
     fit(method, datamodule_for(method, shades.task, shades.backbone, shades.store), epochs=100)
-    learned = accuracy(method, shades.test)
+    learned = feature_top1(method, shades.test)
     assert learned >= shades.zeroshot + MARGIN[name], (learned, shades.zeroshot)
 
 

@@ -46,7 +46,7 @@ class UnlabeledSet:
 
     items: list[UnlabeledItem]
     classnames: list[str]
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    templates: list[str]
 
     @classmethod
     def withholding_labels(cls, labeled: LabeledSet) -> "UnlabeledSet":
